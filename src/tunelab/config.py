@@ -1,0 +1,317 @@
+"""Run configuration: one small dataclass per concern, one YAML file per run.
+
+A recipe is a YAML mapping whose top-level keys are the sections below
+(``model``, ``data``, ``method``, ``train``, ``eval``, ``export``, ``serve``) plus
+``output_dir`` and ``overwrite``. Command-line overrides use dotted keys:
+``train.max_steps=20 method.r=16``. Values are parsed as YAML scalars, so
+``true``, ``3``, ``1e-3`` and ``[q_proj,v_proj]`` mean what they look like.
+
+Unknown keys are errors that name the key and the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from tunelab.errors import TunelabError
+
+DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
+
+
+def _choice(section: str, name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise TunelabError(f"{section}.{name}: {value!r} is not one of {', '.join(map(str, choices))}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = DEFAULT_MODEL
+    """Model spec: HF folder, ``.gguf`` file, tunelab run folder, or ``builtin:NAME``."""
+    precision: str = "auto"
+    """Weights dtype: ``auto`` (bf16 where supported for training, else fp32), fp32, bf16, fp16."""
+    attn_implementation: str = "sdpa"
+    """``sdpa`` (default), ``eager``, or ``flash_attention_2`` (needs flash-attn and a GPU)."""
+    device_map: str | None = None
+    """Passed to ``from_pretrained``: ``auto`` spreads a big model over GPUs/CPU."""
+    trust_remote_code: bool = False
+    """Run model code shipped inside a model folder. Off unless you trust the source."""
+    template: str | None = None
+    """Hand-written prompt format for models without a chat template (e.g. ``human-assistant``)."""
+
+    def __post_init__(self) -> None:
+        _choice("model", "precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        _choice("model", "attn_implementation", self.attn_implementation,
+                ("sdpa", "eager", "flash_attention_2"))
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=list)
+    """Training datasets: file paths, or names registered in ``dataset_dir``/dataset_info.json."""
+    eval: list[str] = field(default_factory=list)
+    """Evaluation datasets (eval loss during training; test sets for ``tunelab eval``)."""
+    dataset_dir: str | None = None
+    """Folder holding a LLaMA-Factory style ``dataset_info.json``; names resolve against it."""
+    val_size: float = 0.0
+    """Hold out this fraction (< 1) or count (>= 1) of the training rows for eval loss."""
+    max_samples: int | None = None
+    """Use at most this many rows per dataset (after a seeded shuffle)."""
+    cutoff_len: int = 1024
+    """Maximum tokens per example; longer ones follow ``truncation``."""
+    truncation: str = "truncate"
+    """``truncate``: cut the conversation at cutoff_len (keeping at least one supervised token);
+    ``drop``: skip examples longer than cutoff_len. Counts are reported either way."""
+    mask_history: bool = False
+    """Learn only from the last assistant turn (default: every assistant turn)."""
+    train_on_prompt: bool = False
+    """Also learn from system and user tokens."""
+    packing: bool = False
+    """Pack several examples into one row (attention stays inside each example)."""
+    group_by_length: bool = True
+    """Batch examples of similar length together to cut padding."""
+
+    def __post_init__(self) -> None:
+        for key in ("train", "eval"):
+            value = getattr(self, key)
+            if isinstance(value, str):
+                setattr(self, key, [value])
+        _choice("data", "truncation", self.truncation, ("truncate", "drop"))
+        if self.cutoff_len < 8:
+            raise TunelabError(f"data.cutoff_len: {self.cutoff_len} is too small (minimum 8)")
+
+
+@dataclass
+class MethodConfig:
+    name: str = "lora"
+    """Training method: full, freeze, lora, qlora, lora8bit, prefix, prompt."""
+    r: int = 8
+    """LoRA rank."""
+    alpha: int = 16
+    """LoRA alpha (scaling = alpha / r)."""
+    dropout: float = 0.05
+    """LoRA dropout."""
+    target_modules: Any = "all-linear"
+    """LoRA targets: ``all-linear`` or a list of module names (e.g. [q_proj, v_proj])."""
+    freeze_trainable_layers: int = 2
+    """``freeze``: number of last decoder layers that train."""
+    freeze_train_head: bool = False
+    """``freeze``: also train the output head (and tied embeddings)."""
+    num_virtual_tokens: int = 16
+    """``prefix``/``prompt``: number of virtual tokens."""
+    compute_dtype: str = "bf16"
+    """``qlora``: dtype of the dequantised matmuls (bf16 or fp16)."""
+
+    def __post_init__(self) -> None:
+        _choice("method", "name", self.name,
+                ("full", "freeze", "lora", "qlora", "lora8bit", "prefix", "prompt"))
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 1.0
+    """Passes over the training data (ignored when max_steps > 0)."""
+    max_steps: int = -1
+    """Stop after this many optimizer steps (> 0 overrides epochs)."""
+    batch_size: int = 8
+    """Examples per device per forward pass."""
+    grad_accum: int = 1
+    """Forward passes per optimizer step."""
+    lr: float = 2e-4
+    """Peak learning rate."""
+    scheduler: str = "cosine"
+    """Learning-rate schedule: cosine, linear, constant, constant_with_warmup."""
+    warmup_ratio: float = 0.03
+    """Fraction of steps spent warming up."""
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    bf16: bool = True
+    """bf16 autocast (CPU with avx512_bf16 and recent GPUs); fp32 otherwise."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    seed: int = 42
+    logging_steps: int = 1
+    eval_steps: int | None = None
+    """Evaluate every N steps (default: once per epoch when there is eval data)."""
+    save_strategy: str = "no"
+    """Checkpoints: ``no``, ``steps``, ``epoch``. The final model is always saved."""
+    save_steps: int = 100
+    save_total_limit: int | None = 2
+    """Keep only the newest K checkpoints."""
+    early_stopping_patience: int | None = None
+    """Stop when eval loss has not improved for this many evaluations."""
+    resume: str | None = None
+    """``auto`` resumes from the newest checkpoint in output_dir, or give a checkpoint path."""
+
+    def __post_init__(self) -> None:
+        _choice("train", "scheduler", self.scheduler,
+                ("cosine", "linear", "constant", "constant_with_warmup"))
+        _choice("train", "save_strategy", self.save_strategy, ("no", "steps", "epoch"))
+
+
+@dataclass
+class EvalConfig:
+    models: list[str] = field(default_factory=list)
+    """Models to compare (specs or run folders); the first is the baseline."""
+    datasets: list[str] = field(default_factory=list)
+    """Test sets (paths or registry names)."""
+    metrics: list[str] = field(default_factory=lambda: ["em", "bleu", "rouge"])
+    """Metric names (see ``tunelab.eval.metrics``)."""
+    batch_size: int = 16
+    max_new_tokens: int = 64
+    preset: str = "greedy"
+    """Generation preset: greedy, sampling, beam."""
+    max_samples: int | None = None
+    output_dir: str | None = None
+    """Where report.md/html/json go (default: <output_dir>/eval)."""
+
+
+@dataclass
+class ExportConfig:
+    merge: bool = True
+    """Merge LoRA weights into the base model."""
+    out: str | None = None
+    """Destination folder."""
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    """Bind address; loopback unless you mean to expose the server."""
+    port: int = 8000
+    api_key: str | None = None
+    """Require ``Authorization: Bearer KEY`` (also read from TUNELAB_API_KEY)."""
+    adapters: list[str] = field(default_factory=list)
+    """Extra LoRA run folders served beside the base model, chosen by the request's model."""
+    max_queue: int = 64
+    """Requests waiting beyond this get 503."""
+    max_batch: int = 8
+    """Requests generated together in one batch."""
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/latest"
+    """Run folder; refused if it already holds a run unless overwrite is true."""
+    overwrite: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+def _unknown_key(prefix: str, key: str, valid: list[str]) -> TunelabError:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid: {', '.join(valid)})"
+    return TunelabError(f"unknown config key '{prefix}{key}'{hint}")
+
+
+def build(cls: type, values: dict[str, Any] | None, prefix: str = "") -> Any:
+    """Turn a nested mapping into dataclass ``cls``, rejecting unknown keys."""
+    values = values or {}
+    if not isinstance(values, dict):
+        raise TunelabError(f"config section '{prefix.rstrip('.') or 'root'}' must be a mapping")
+    hints = get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise _unknown_key(prefix, str(key), names)
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            value = build(kind, value, f"{prefix}{key}.")
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise TunelabError(f"config section '{prefix.rstrip('.')}': {exc}") from exc
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``train.lr=1e-3`` -> (["train", "lr"], 0.001)."""
+    if "=" not in text:
+        raise TunelabError(f"override '{text}' must look like key=value (e.g. train.max_steps=10)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and _looks_like_float(value):
+        value = float(value)
+    return key.strip().split("."), value
+
+
+def _looks_like_float(text: str) -> bool:
+    # YAML 1.1 reads "1e-3" as a string; users mean a number.
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return any(c in text.lower() for c in "e.")
+
+
+def _fix_floats(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _fix_floats(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_fix_floats(v) for v in obj]
+    if isinstance(obj, str) and _looks_like_float(obj) and not obj.strip().startswith("."):
+        return float(obj)
+    return obj
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = values
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise TunelabError(f"override '{text}': '{key}' is not a section")
+        node[keys[-1]] = value
+    return values
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise TunelabError(f"{path}: recipe file not found")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise TunelabError(f"{path}{line}: invalid YAML: {getattr(exc, 'problem', exc)}") from exc
+    if not isinstance(values, dict):
+        raise TunelabError(f"{path}: a recipe must be a YAML mapping")
+    return _fix_floats(values)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a recipe (or start from defaults) and apply ``key=value`` overrides."""
+    values = read_yaml(path) if path else {}
+    values = apply_overrides(values, list(overrides or []))
+    try:
+        return build(RunConfig, values)
+    except TunelabError as exc:
+        raise TunelabError(f"{path}: {exc}" if path else str(exc)) from None
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> Path:
+    from tunelab.io import atomic_write_text
+
+    return atomic_write_text(path, cfg.to_yaml())

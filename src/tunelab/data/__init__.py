@@ -1,0 +1,1 @@
+"""Data: readers, formats, dataset registry, the conversation type, rendering to tokens."""

@@ -1,0 +1,210 @@
+"""Training methods: functions that turn a loaded model into the model that trains.
+
+Each method is registered by name with ``@register(name)`` on a function
+``prepare(model, cfg: MethodConfig) -> model``. A method may also declare
+``preflight(cfg)`` — run before the model is loaded, so a method that cannot work
+on this machine (QLoRA without CUDA) fails in one line before a slow load — and
+``load_kwargs(cfg)`` — extra ``from_pretrained`` arguments (quantization config).
+The trainer only calls :func:`get_method`; it never looks at the method's name.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from tunelab.config import MethodConfig
+from tunelab.errors import TunelabError
+
+
+@dataclass
+class Method:
+    """A registered training method."""
+
+    name: str
+    prepare: Callable[[nn.Module, MethodConfig], nn.Module]
+    preflight: Callable[[MethodConfig], None] | None = None
+    load_kwargs: Callable[[MethodConfig], dict[str, Any]] | None = None
+    saves_adapter: bool = True
+    """True when the run folder holds an adapter on top of the base (not full weights)."""
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(name: str, *, preflight=None, load_kwargs=None, saves_adapter: bool = True):
+    """Decorator: ``@register("lora")`` on ``prepare(model, cfg) -> model``."""
+
+    def wrap(fn):
+        METHODS[name] = Method(name, fn, preflight, load_kwargs, saves_adapter)
+        return fn
+
+    return wrap
+
+
+def get_method(name: str) -> Method:
+    """The method registered under ``name`` (a one-line error names the valid ones)."""
+    if name not in METHODS:
+        raise TunelabError(f"method.name: unknown method {name!r} (valid: {', '.join(sorted(METHODS))})")
+    return METHODS[name]
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, all) parameter counts; peft's own count when the model is a peft model."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def report_trainable(model: nn.Module) -> str:
+    """Print (on the main process) and return the seed's line ``trainable params: N || ...``."""
+    trainable, total = count_parameters(model)
+    line = (f"trainable params: {trainable:,d} || all params: {total:,d} || "
+            f"trainable%: {100 * trainable / max(total, 1):.4f}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(line, flush=True)
+    return line
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of transformer blocks, found generically.
+
+    Prefer the ModuleList whose items are the classes the model declares as
+    ``_no_split_modules`` (what transformers itself treats as "a layer"); fall back
+    to the longest ModuleList.
+    """
+    block_names = set(getattr(model, "_no_split_modules", None) or [])
+    best: nn.ModuleList | None = None
+    for module in model.modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if block_names and type(module[0]).__name__ in block_names:
+            return module
+        if best is None or len(module) > len(best):
+            best = module
+    if best is None:
+        raise TunelabError(f"method.name: freeze: cannot find the decoder layers of {type(model).__name__}")
+    return best
+
+
+@register("full", saves_adapter=False)
+def prepare_full(model: nn.Module, cfg: MethodConfig) -> nn.Module:
+    """Every parameter trains."""
+    for param in model.parameters():
+        param.requires_grad_(True)
+    report_trainable(model)
+    return model
+
+
+@register("freeze", saves_adapter=False)
+def prepare_freeze(model: nn.Module, cfg: MethodConfig) -> nn.Module:
+    """Only the last ``freeze_trainable_layers`` blocks (and optionally the head) train."""
+    layers = decoder_layers(model)
+    n = cfg.freeze_trainable_layers
+    if not 0 < n <= len(layers):
+        raise TunelabError(
+            f"method.freeze_trainable_layers: {n} is not between 1 and the model's {len(layers)} layers")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for layer in list(layers)[-n:]:
+        for param in layer.parameters():
+            param.requires_grad_(True)
+    if cfg.freeze_train_head:
+        head = model.get_output_embeddings()
+        if head is None:
+            raise TunelabError("method.freeze_train_head: this model has no output head")
+        for param in head.parameters():  # tied weights: the embeddings train too
+            param.requires_grad_(True)
+    report_trainable(model)
+    return model
+
+
+def _target_modules(cfg: MethodConfig) -> Any:
+    targets = cfg.target_modules
+    if isinstance(targets, str) and targets != "all-linear":
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    return targets
+
+
+def _lora_config(cfg: MethodConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                      target_modules=_target_modules(cfg), task_type="CAUSAL_LM")
+
+
+def _wrap_peft(model: nn.Module, peft_cfg) -> nn.Module:
+    from peft import get_peft_model
+
+    try:
+        peft_model = get_peft_model(model, peft_cfg)
+    except ValueError as exc:  # e.g. target modules not found in the model
+        raise TunelabError(f"method: {str(exc).splitlines()[0]}") from exc
+    report_trainable(peft_model)
+    return peft_model
+
+
+@register("lora")
+def prepare_lora(model: nn.Module, cfg: MethodConfig) -> nn.Module:
+    """LoRA adapters on ``target_modules`` (all linear layers but the head by default)."""
+    return _wrap_peft(model, _lora_config(cfg))
+
+
+def _require_cuda_bnb(cfg: MethodConfig) -> None:
+    if not torch.cuda.is_available():
+        raise TunelabError(
+            f"method.name: {cfg.name} needs a CUDA GPU (bitsandbytes quantized training); "
+            "none found — use method.name=lora (same adapters, unquantized base) on this machine")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise TunelabError(
+            f"method.name: {cfg.name} needs bitsandbytes: pip install 'tunelab[gpu]'") from None
+
+
+def _bnb_kwargs(cfg: MethodConfig) -> dict[str, Any]:
+    from transformers import BitsAndBytesConfig
+
+    if cfg.name == "lora8bit":
+        return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True)}
+    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.compute_dtype)
+    if compute is None:
+        raise TunelabError(f"method.compute_dtype: {cfg.compute_dtype!r} is not one of bf16, fp16")
+    # seed 003's QLoRA: 4-bit NF4 weights, double quantization, bf16 compute.
+    return {"quantization_config": BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute)}
+
+
+def _prepare_kbit_lora(model: nn.Module, cfg: MethodConfig) -> nn.Module:
+    from peft import prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return _wrap_peft(model, _lora_config(cfg))
+
+
+register("qlora", preflight=_require_cuda_bnb, load_kwargs=_bnb_kwargs)(_prepare_kbit_lora)
+register("lora8bit", preflight=_require_cuda_bnb, load_kwargs=_bnb_kwargs)(_prepare_kbit_lora)
+
+
+@register("prefix")
+def prepare_prefix(model: nn.Module, cfg: MethodConfig) -> nn.Module:
+    """Prefix tuning: learned key/value prefixes in every layer."""
+    from peft import PrefixTuningConfig
+
+    return _wrap_peft(model, PrefixTuningConfig(task_type="CAUSAL_LM",
+                                                num_virtual_tokens=cfg.num_virtual_tokens))
+
+
+@register("prompt")
+def prepare_prompt(model: nn.Module, cfg: MethodConfig) -> nn.Module:
+    """Prompt tuning: learned virtual token embeddings before the input."""
+    from peft import PromptTuningConfig
+
+    return _wrap_peft(model, PromptTuningConfig(task_type="CAUSAL_LM",
+                                                num_virtual_tokens=cfg.num_virtual_tokens))

@@ -1,0 +1,79 @@
+"""Write a built dataset: one JSONL per split, a dataset_info.json registry, a README.
+
+The registry follows the LLaMA-Factory ``dataset_info.json`` shape (``file_name``,
+``formatting``, ``columns``) so ``tunelab data``/``tunelab train`` and LLaMA-Factory
+can both load the folder as it is. Provenance (source, licence, options, sizes) goes
+to ``build_info.json`` and ``README.md`` because other tools reject unknown keys.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tunelab.errors import TunelabError
+from tunelab.io import atomic_write_text, write_json, write_jsonl
+
+ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "system": "system", "history": "history"}
+
+
+def write_dataset(
+    out_dir: str | Path,
+    name: str,
+    splits: dict[str, list[dict]],
+    info: dict[str, Any] | None = None,
+    formatting: str = "alpaca",
+) -> dict[str, int]:
+    """Write ``splits`` as ``OUT/<split>.jsonl`` and register them; return split sizes.
+
+    Each split is registered as ``<name>_<split>`` in ``OUT/dataset_info.json`` (entries
+    already there for other names are kept, so several builds can share a folder).
+    Empty splits are not written.
+    """
+    out = Path(out_dir)
+    sizes = {split: len(rows) for split, rows in splits.items() if rows}
+    if not sizes:
+        raise TunelabError(f"{name}: nothing to write (every split is empty)")
+    registry = _read_registry(out / "dataset_info.json")
+    for split, rows in splits.items():
+        if not rows:
+            continue
+        write_jsonl(out / f"{split}.jsonl", rows)
+        entry: dict[str, Any] = {"file_name": f"{split}.jsonl", "formatting": formatting}
+        if formatting == "alpaca":
+            present = set().union(*(row.keys() for row in rows))
+            entry["columns"] = {k: v for k, v in ALPACA_COLUMNS.items() if v in present}
+        registry[f"{name}_{split}"] = entry
+    write_json(out / "dataset_info.json", registry)
+    meta = {"name": name, "sizes": sizes, **(info or {})}
+    write_json(out / "build_info.json", meta)
+    atomic_write_text(out / "README.md", _readme(meta))
+    return sizes
+
+
+def _read_registry(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise TunelabError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from exc
+    if not isinstance(data, dict):
+        raise TunelabError(f"{path}: expected a JSON object of dataset entries")
+    return data
+
+
+def _readme(meta: dict[str, Any]) -> str:
+    lines = [f"# {meta['name']}", ""]
+    if meta.get("description"):
+        lines += [meta["description"], ""]
+    for key in ("source", "license"):
+        if meta.get(key):
+            lines.append(f"- {key}: {meta[key]}")
+    lines.append("- built by: tunelab data build")
+    lines += ["", "| split | rows |", "|---|---|"]
+    lines += [f"| {split} | {n} |" for split, n in meta["sizes"].items()]
+    if meta.get("options"):
+        lines += ["", "Options:", "", "```json", json.dumps(meta["options"], ensure_ascii=False, indent=2), "```"]
+    return "\n".join(lines) + "\n"
