@@ -58,7 +58,7 @@ def chat_messages(conv: Conversation, image_token: str = "<image>") -> list[dict
     return out
 
 
-def _ids(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+def token_ids(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
     """Token ids of a rendering, whatever container this transformers version returns."""
     if not messages:
         return []
@@ -108,17 +108,17 @@ def supervised_spans(tokenizer: Any, conv: Conversation, full: list[int] | None 
                      image_token: str = "<image>") -> list[tuple[int, int]]:
     """``[start, end)`` token spans the loss covers, one per message with ``learn`` set."""
     messages = chat_messages(conv, image_token)
-    full = _ids(tokenizer, messages) if full is None else full
+    full = token_ids(tokenizer, messages) if full is None else full
     special = _special_ids(tokenizer)
     spans = []
     for i, message in enumerate(conv.messages):
         if not message.learn:
             continue
         if message.role == "assistant":
-            before = _ids(tokenizer, messages[:i], add_generation_prompt=True)
+            before = token_ids(tokenizer, messages[:i], add_generation_prompt=True)
         else:
-            before = _ids(tokenizer, messages[:i])
-        upto = _ids(tokenizer, messages[: i + 1])
+            before = token_ids(tokenizer, messages[:i])
+        upto = token_ids(tokenizer, messages[: i + 1])
         start = _common_prefix(before, upto)
         end = _answer_end(tokenizer, upto, start, special) if message.role == "assistant" else len(upto)
         if _common_prefix(upto, full) < end:
@@ -147,7 +147,7 @@ def _encode_one(tokenizer, conv, cutoff_len, truncation, mask_history, train_on_
     if truncation not in TRUNCATION:
         raise TunelabError(f"data.truncation: {truncation!r} is not one of {', '.join(TRUNCATION)}")
     conv = conv.with_learning(mask_history=mask_history, train_on_prompt=train_on_prompt)
-    full = _ids(tokenizer, chat_messages(conv, image_token))
+    full = token_ids(tokenizer, chat_messages(conv, image_token))
     if truncation == "drop" and len(full) > cutoff_len:
         return None, "too_long"
     labels = [IGNORE_INDEX] * len(full)
@@ -200,7 +200,7 @@ def prompt_ids(tokenizer: Any, conv: Conversation, image_token: str = "<image>")
     messages = chat_messages(conv, image_token)
     if messages and messages[-1]["role"] == "assistant":
         messages = messages[:-1]
-    return _ids(tokenizer, messages, add_generation_prompt=True)
+    return token_ids(tokenizer, messages, add_generation_prompt=True)
 
 
 def mark_supervised(tokenizer: Any, example: dict[str, list[int]], open_mark: str = "[[",

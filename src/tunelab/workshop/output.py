@@ -3,7 +3,8 @@
 The registry follows the LLaMA-Factory ``dataset_info.json`` shape (``file_name``,
 ``formatting``, ``columns``) so ``tunelab data``/``tunelab train`` and LLaMA-Factory
 can both load the folder as it is. Provenance (source, licence, options, sizes) goes
-to ``build_info.json`` and ``README.md`` because other tools reject unknown keys.
+to ``build_info.json`` (one entry per dataset name) and ``README.md``, because
+other tools reject unknown keys in the registry.
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ def write_dataset(
     splits: dict[str, list[dict]],
     info: dict[str, Any] | None = None,
     formatting: str = "alpaca",
+    file_prefix: str = "",
 ) -> dict[str, int]:
-    """Write ``splits`` as ``OUT/<split>.jsonl`` and register them; return split sizes.
+    """Write ``splits`` as ``OUT/<prefix><split>.jsonl`` and register them; return split sizes.
 
     Each split is registered as ``<name>_<split>`` in ``OUT/dataset_info.json`` (entries
     already there for other names are kept, so several builds can share a folder).
-    Empty splits are not written.
+    Empty splits are not written. ``file_prefix`` (e.g. ``"norm_"``) lets several
+    datasets share a folder, as the seed's ``sft_dataset/norm_train.jsonl`` do.
     """
     out = Path(out_dir)
     sizes = {split: len(rows) for split, rows in splits.items() if rows}
@@ -39,16 +42,18 @@ def write_dataset(
     for split, rows in splits.items():
         if not rows:
             continue
-        write_jsonl(out / f"{split}.jsonl", rows)
-        entry: dict[str, Any] = {"file_name": f"{split}.jsonl", "formatting": formatting}
+        file_name = f"{file_prefix}{split}.jsonl"
+        write_jsonl(out / file_name, rows)
+        entry: dict[str, Any] = {"file_name": file_name, "formatting": formatting}
         if formatting == "alpaca":
             present = set().union(*(row.keys() for row in rows))
             entry["columns"] = {k: v for k, v in ALPACA_COLUMNS.items() if v in present}
         registry[f"{name}_{split}"] = entry
     write_json(out / "dataset_info.json", registry)
-    meta = {"name": name, "sizes": sizes, **(info or {})}
-    write_json(out / "build_info.json", meta)
-    atomic_write_text(out / "README.md", _readme(meta))
+    builds = _read_registry(out / "build_info.json")
+    builds[name] = {"sizes": sizes, **(info or {})}
+    write_json(out / "build_info.json", builds)
+    atomic_write_text(out / "README.md", "\n".join(_readme(n, meta) for n, meta in builds.items()))
     return sizes
 
 
@@ -64,8 +69,8 @@ def _read_registry(path: Path) -> dict[str, Any]:
     return data
 
 
-def _readme(meta: dict[str, Any]) -> str:
-    lines = [f"# {meta['name']}", ""]
+def _readme(name: str, meta: dict[str, Any]) -> str:
+    lines = [f"# {name}", ""]
     if meta.get("description"):
         lines += [meta["description"], ""]
     for key in ("source", "license"):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,7 @@ def code_meta(cm: Any, code: str) -> dict[str, str]:
 
 
 def synonyms_by_code(leaf_only: bool = True) -> dict[str, list[str]]:
-    """Code -> its inclusion terms that differ from its description (deduplicated)."""
+    """Code -> its inclusion terms that differ from its description and name one code only."""
     cm = _icd()
     table: dict[str, list[str]] = {}
     for code in cm.get_all_codes(with_dots=True):
@@ -76,7 +77,10 @@ def synonyms_by_code(leaf_only: bool = True) -> dict[str, list[str]]:
                 terms.append(term.strip())
         if terms:
             table[code] = terms
-    return table
+    # A term listed under several codes has several right answers: leave it out.
+    counts = Counter(_norm(t) for terms in table.values() for t in terms)
+    table = {c: [t for t in terms if counts[_norm(t)] == 1] for c, terms in table.items()}
+    return {c: terms for c, terms in table.items() if terms}
 
 
 def _count(amount: int | float, total: int) -> int:

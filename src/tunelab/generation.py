@@ -1,0 +1,519 @@
+"""The one generation core shared by eval, chat and serve.
+
+- ``GenerationSettings``: what to generate (greedy, sampling or beam; stop strings; seed),
+  validated where it is declared, with named presets.
+- ``generate``: many prompts (chat message lists or raw strings), batched with left
+  padding, sorted by length to cut padding, results in input order.
+- ``stream``: one conversation, text pieces as they are generated, cancellable.
+- ``generate_ids``: one batch of already-tokenised prompts with per-row callbacks,
+  limits and cancellation; the server's batching engine drives this directly.
+
+Stop strings are handled in exactly one place, ``StopFilter``: it cuts the text at the
+first stop string and, while streaming, holds back any tail that could still become one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+from tunelab.errors import TunelabError
+
+FALLBACK_REPLY = (
+    "I'm sorry, but I couldn't generate a response to that. "
+    "Please feel free to ask something else or type 'exit' to leave."
+)
+"""Said instead of an empty answer (seed 004): silence looks like a hang to the user."""
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How to generate. ``temperature=0`` means greedy; ``num_beams>1`` means beam search."""
+
+    max_new_tokens: int = 256
+    """Upper bound on generated tokens (finish_reason ``length`` when reached)."""
+    min_new_tokens: int = 0
+    """End-of-sequence is suppressed until this many tokens exist."""
+    temperature: float = 0.0
+    """0 = greedy (deterministic); > 0 samples, higher is more random."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest token set with this much probability (1 = off)."""
+    top_k: int = 0
+    """Keep only the K most likely tokens when sampling (0 = off)."""
+    repetition_penalty: float = 1.0
+    """> 1 discourages repeating tokens already in the prompt or answer (1 = off)."""
+    num_beams: int = 1
+    """Beam search width (1 = no beam search). Beam search cannot stream."""
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    """Strings that end the answer; the answer is cut before the first one."""
+    seed: int | None = None
+    """Seed for sampling, so sampled answers can be reproduced."""
+
+    def __post_init__(self) -> None:
+        stop = self.stop
+        if isinstance(stop, str):
+            stop = (stop,)
+        object.__setattr__(self, "stop", tuple(stop or ()))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``TunelabError`` naming the first bad field."""
+        checks = [
+            ("max_new_tokens", _is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "must be an integer >= 1"),
+            ("min_new_tokens", _is_int(self.min_new_tokens) and 0 <= self.min_new_tokens, "must be an integer >= 0"),
+            ("temperature", _is_num(self.temperature) and 0 <= self.temperature <= 100, "must be between 0 and 100"),
+            ("top_p", _is_num(self.top_p) and 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("top_k", _is_int(self.top_k) and self.top_k >= 0, "must be an integer >= 0"),
+            ("repetition_penalty", _is_num(self.repetition_penalty) and self.repetition_penalty > 0, "must be > 0"),
+            ("num_beams", _is_int(self.num_beams) and self.num_beams >= 1, "must be an integer >= 1"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), "must be a list of non-empty strings"),
+            ("seed", self.seed is None or _is_int(self.seed), "must be an integer"),
+        ]
+        for name, ok, problem in checks:
+            if not ok:
+                raise TunelabError(f"generation.{name}: {getattr(self, name)!r} {problem}")
+        if self.min_new_tokens > self.max_new_tokens:
+            raise TunelabError(
+                f"generation.min_new_tokens: {self.min_new_tokens} is larger than max_new_tokens {self.max_new_tokens}"
+            )
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def replace(self, **changes: Any) -> "GenerationSettings":
+        """A copy with some fields changed (unknown names are errors)."""
+        _check_names(changes)
+        return dataclasses.replace(self, **changes)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_num(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_names(changes: dict[str, Any]) -> None:
+    names = [f.name for f in dataclasses.fields(GenerationSettings)]
+    for key in changes:
+        if key not in names:
+            raise TunelabError(f"generation: unknown setting '{key}' (valid: {', '.join(names)})")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "greedy": {},
+    "sampling": {"temperature": 0.7, "top_p": 0.9, "top_k": 50, "repetition_penalty": 1.1},
+    "beam": {"num_beams": 4, "repetition_penalty": 1.2},
+}
+
+
+def from_preset(name: str, **overrides: Any) -> GenerationSettings:
+    """Settings of preset ``name`` (greedy, sampling, beam) with ``overrides`` applied.
+
+    ``None`` overrides are ignored, so CLI options left unset keep the preset's value.
+    """
+    if name not in PRESETS:
+        raise TunelabError(f"generation preset '{name}' is not one of {', '.join(PRESETS)}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    _check_names(overrides)
+    return GenerationSettings(**{**PRESETS[name], **overrides})
+
+
+@dataclass
+class GenerationResult:
+    """One answer with its token counts; ``finish_reason`` is stop, length or cancelled."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+
+
+def with_fallback(text: str, fallback: str = FALLBACK_REPLY) -> str:
+    """``text``, or the fixed polite reply when the model produced nothing visible."""
+    return text if text.strip() else fallback
+
+
+# ---------------------------------------------------------------- stop strings
+
+
+class StopFilter:
+    """Cuts text at the first stop string; while streaming, holds back possible prefixes.
+
+    ``feed(piece)`` returns the text that is safe to show now and whether a stop string
+    was hit; ``flush()`` returns what was held back once generation ended without one.
+    """
+
+    def __init__(self, stops: Sequence[str] = ()):
+        self.stops = [s for s in stops if s]
+        self.text = ""
+        self.emitted = 0
+        self.stopped = False
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        if self.stopped:
+            return "", True
+        self.text += piece
+        cut = min((i for i in (self.text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text, self.stopped = self.text[:cut], True
+            return self._take(len(self.text)), True
+        return self._take(len(self.text) - self._held_back()), False
+
+    def flush(self) -> str:
+        return self._take(len(self.text))
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of the text that starts some stop string."""
+        longest = 0
+        for stop in self.stops:
+            for size in range(min(len(stop) - 1, len(self.text)), longest, -1):
+                if self.text.endswith(stop[:size]):
+                    longest = size
+                    break
+        return longest
+
+    def _take(self, end: int) -> str:
+        end = max(end, self.emitted)
+        piece, self.emitted = self.text[self.emitted:end], end
+        return piece
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """``text`` cut before the first stop string, and whether one was found."""
+    stop_filter = StopFilter(stops)
+    stop_filter.feed(text)
+    return stop_filter.text, stop_filter.stopped
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def render_prompt(tokenizer, prompt: Any) -> list[int]:
+    """Token ids of a prompt: a raw string, or chat messages rendered with the chat template."""
+    if isinstance(prompt, str):
+        return list(tokenizer(prompt)["input_ids"])
+    messages = _as_messages(prompt)
+    if not getattr(tokenizer, "chat_template", None):
+        raise TunelabError(
+            "the tokenizer has no chat template: set model.template (e.g. human-assistant) or pass raw text prompts"
+        )
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # jinja errors from templates that reject a role order, for example
+        raise TunelabError(f"chat template failed on these messages: {exc}") from exc
+    # The template already wrote bos and friends; adding them again would double them.
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _as_messages(prompt: Any) -> list[dict[str, str]]:
+    if hasattr(prompt, "to_openai"):  # tunelab Conversation
+        prompt = prompt.to_openai()
+    messages = []
+    for message in prompt:
+        if hasattr(message, "to_openai"):
+            message = message.to_openai()
+        if not isinstance(message, dict) or "role" not in message:
+            raise TunelabError(f"a chat prompt must be a list of {{role, content}} messages, got {message!r}")
+        content = message.get("content") or ""
+        if isinstance(content, list):  # text parts only: this core serves text models
+            content = "".join(p.get("text", "") for p in content if p.get("type") == "text")
+        messages.append({"role": message["role"], "content": content})
+    return messages
+
+
+def context_length(model) -> int | None:
+    """The model's maximum sequence length (prompt + answer), if it declares one."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return getattr(config, "max_position_embeddings", None)
+
+
+def check_context(model, prompt_len: int, max_new_tokens: int, where: str = "prompt") -> None:
+    """Refuse a prompt that, with the answer budget, would not fit the model's context."""
+    limit = context_length(model)
+    if limit is not None and prompt_len + max_new_tokens > limit:
+        raise TunelabError(
+            f"{where}: {prompt_len} prompt tokens + max_new_tokens {max_new_tokens} exceed the model's context "
+            f"of {limit} tokens"
+        )
+
+
+# ---------------------------------------------------------------- one batch
+
+
+class _Rows:
+    """Per-row bookkeeping during one ``model.generate`` call.
+
+    Used as a transformers stopping criterion: called after every step with the
+    sequences so far, it decodes each live row's newest token, passes the text through
+    the row's ``StopFilter``, and reports which rows are done (eos, stop string, their
+    own token limit, or cancelled), so finished rows stop while the others go on.
+    """
+
+    def __init__(self, tokenizer, limits: list[int], stops, eos_ids: set[int], on_text=None, cancel=None):
+        self.tokenizer, self.limits, self.eos_ids = tokenizer, limits, eos_ids
+        self.on_text, self.cancel = on_text, cancel
+        n = len(limits)
+        self.ids: list[list[int]] = [[] for _ in range(n)]
+        self.decoded = [""] * n
+        self.filters = [StopFilter(stops) for _ in range(n)]
+        self.finish: list[str | None] = [None] * n
+
+    def __call__(self, input_ids, scores=None, **kwargs):
+        import torch
+
+        for row in range(len(self.limits)):
+            if self.finish[row] is None:
+                self.push(row, int(input_ids[row, -1]))
+        return torch.tensor([f is not None for f in self.finish], device=input_ids.device)
+
+    def push(self, row: int, token: int) -> None:
+        if self.finish[row] is not None:
+            return
+        if self.cancel is not None and self.cancel[row] is not None and self.cancel[row].is_set():
+            self.finish[row] = "cancelled"
+            return
+        self.ids[row].append(token)
+        if token in self.eos_ids:
+            self._end(row, "stop")
+            return
+        text = self.tokenizer.decode(self.ids[row], skip_special_tokens=True)
+        # A multi-byte character split over tokens decodes to U+FFFD until complete.
+        if not text.endswith("\ufffd"):
+            # Byte-level BPE decodes prefix-stably; others may rewrite a space, so like
+            # transformers' TextStreamer we emit whatever lies beyond the old length.
+            piece = text[len(self.decoded[row]):]
+            self.decoded[row] = text
+            self._emit(row, *self.filters[row].feed(piece))
+        if self.finish[row] is None and len(self.ids[row]) >= self.limits[row]:
+            self._end(row, "length")
+
+    def _emit(self, row: int, piece: str, stopped: bool) -> None:
+        if piece and self.on_text is not None:
+            self.on_text(row, piece)
+        if stopped:
+            self.finish[row] = "stop"
+
+    def _end(self, row: int, reason: str) -> None:
+        self._emit(row, self.filters[row].flush(), False)
+        self.finish[row] = reason
+
+    def result(self, row: int, prompt_tokens: int) -> GenerationResult:
+        if self.finish[row] is None:  # generate() ended on its own max length
+            self._end(row, "length")
+        return GenerationResult(self.filters[row].text, prompt_tokens, len(self.ids[row]), self.finish[row])
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    """Every id that ends an answer: the model's generation config plus the tokenizer's eos."""
+    ids: set[int] = set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (configured, tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def _generation_kwargs(settings: GenerationSettings, max_new_tokens: int, pad_id: int, eos: set[int]) -> dict:
+    # Every sampling field is set explicitly: transformers fills unset ones from the
+    # model's own generation_config, which would make "greedy" depend on the checkpoint.
+    kwargs = dict(
+        max_new_tokens=max_new_tokens, min_new_tokens=settings.min_new_tokens or None,
+        do_sample=not settings.greedy, num_beams=settings.num_beams,
+        temperature=settings.temperature or 1.0, top_p=settings.top_p, top_k=settings.top_k,
+        repetition_penalty=settings.repetition_penalty, pad_token_id=pad_id,
+        eos_token_id=sorted(eos) or None, use_cache=True,
+    )
+    if settings.num_beams > 1:
+        kwargs["early_stopping"] = True
+    return kwargs
+
+
+def generate_ids(
+    model,
+    tokenizer,
+    prompt_ids: Sequence[Sequence[int]],
+    settings: GenerationSettings,
+    *,
+    limits: Sequence[int] | None = None,
+    on_text: Callable[[int, str], None] | None = None,
+    cancel: Sequence[threading.Event | None] | None = None,
+) -> list[GenerationResult]:
+    """Generate for one batch of tokenised prompts in a single ``model.generate`` call.
+
+    ``limits`` gives each row its own max_new_tokens (default: the settings'). ``on_text(row,
+    piece)`` is called from this thread as text becomes final; ``cancel[row]`` stops a row.
+    """
+    import torch
+
+    if not prompt_ids:
+        return []
+    limits = list(limits or [settings.max_new_tokens] * len(prompt_ids))
+    if settings.num_beams > 1 and on_text is not None:
+        raise TunelabError("generation.num_beams: beam search cannot stream; use num_beams=1")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise TunelabError("the tokenizer has neither a pad nor an eos token")
+    width = max(len(ids) for ids in prompt_ids)
+    if width == 0:
+        raise TunelabError("generation: empty prompt (no tokens)")
+    # Left padding: every row's last prompt token sits at the same position, where decoding starts.
+    input_ids = torch.tensor([[pad_id] * (width - len(ids)) + list(ids) for ids in prompt_ids])
+    attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompt_ids])
+    device = getattr(model, "device", torch.device("cpu"))
+    eos = eos_token_ids(model, tokenizer)
+    rows = _Rows(tokenizer, limits, settings.stop, eos, on_text, cancel)
+    kwargs = _generation_kwargs(settings, max(limits), pad_id, eos)
+    if settings.num_beams == 1:
+        from transformers import StoppingCriteriaList
+
+        kwargs["stopping_criteria"] = StoppingCriteriaList([rows])
+    if settings.seed is not None:
+        torch.manual_seed(settings.seed)
+    model.eval()
+    with torch.inference_mode():
+        output = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
+    if settings.num_beams > 1:  # no per-step hook in beam search: replay the winners
+        for row in range(len(prompt_ids)):
+            for token in output[row, width:].tolist():
+                rows.push(row, token)
+    return [rows.result(row, len(ids)) for row, ids in enumerate(prompt_ids)]
+
+
+# ---------------------------------------------------------------- many prompts
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[Any],
+    settings: GenerationSettings | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> list[GenerationResult]:
+    """Answers for ``prompts`` (chat message lists or raw strings), in input order.
+
+    Prompts are sorted by length (longest first) and generated ``batch_size`` at a time,
+    so each batch pads little; a progress bar counts prompts.
+    """
+    from tqdm.auto import tqdm
+
+    settings = settings or GenerationSettings()
+    if batch_size < 1:
+        raise TunelabError(f"generation: batch_size {batch_size} must be >= 1")
+    encoded = [render_prompt(tokenizer, p) for p in prompts]
+    for index, ids in enumerate(encoded):
+        check_context(model, len(ids), settings.max_new_tokens, where=f"prompt {index}")
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    results: list[GenerationResult | None] = [None] * len(encoded)
+    with tqdm(total=len(encoded), desc="generating", unit="prompt", disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            answers = generate_ids(model, tokenizer, [encoded[i] for i in chunk], settings)
+            for index, answer in zip(chunk, answers):
+                results[index] = answer
+            bar.update(len(chunk))
+    return results  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------- streaming
+
+
+class TextStream:
+    """Iterator over text pieces of one answer, generated in a background thread.
+
+    ``cancel()`` (or leaving the loop early) stops generation at the next token;
+    ``result`` holds the ``GenerationResult`` once the iterator is exhausted.
+    """
+
+    _DONE = object()
+
+    def __init__(self, model, tokenizer, prompt_ids: list[int], settings: GenerationSettings,
+                 cancel: threading.Event | None = None):
+        self.cancel_event = cancel or threading.Event()
+        self.result: GenerationResult | None = None
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(
+            target=self._run, args=(model, tokenizer, prompt_ids, settings), daemon=True, name="tunelab-stream"
+        )
+        self._thread.start()
+
+    def _run(self, model, tokenizer, prompt_ids, settings) -> None:
+        try:
+            (self.result,) = generate_ids(
+                model, tokenizer, [prompt_ids], settings,
+                on_text=lambda _row, piece: self._queue.put(piece), cancel=[self.cancel_event],
+            )
+            self._queue.put(self._DONE)
+        except BaseException as exc:  # handed to the reading thread, which re-raises it
+            self._queue.put(exc)
+
+    def cancel(self) -> None:
+        self.cancel_event.set()
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            while True:
+                try:
+                    # A timeout keeps the wait interruptible (Ctrl-C in the chat loop).
+                    item = self._queue.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                if item is self._DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            if self.result is None:
+                self.cancel()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+
+def stream(model, tokenizer, messages: Any, settings: GenerationSettings | None = None,
+           cancel: threading.Event | None = None) -> TextStream:
+    """Stream the answer to ``messages`` (or a raw string) piece by piece.
+
+    Iterate the returned ``TextStream`` for text; set ``cancel`` (or call
+    ``.cancel()``) to stop early. Stop strings are applied before pieces are yielded.
+    """
+    settings = settings or GenerationSettings()
+    if settings.num_beams > 1:
+        raise TunelabError("generation.num_beams: beam search cannot stream; use num_beams=1")
+    prompt_ids = render_prompt(tokenizer, messages)
+    check_context(model, len(prompt_ids), settings.max_new_tokens)
+    return TextStream(model, tokenizer, prompt_ids, settings, cancel)
+
+
+# ---------------------------------------------------------------- CLI helpers
+
+
+def add_generation_options(parser) -> None:
+    """Add --preset, --max-new-tokens, --temperature ... to an argparse parser."""
+    group = parser.add_argument_group("generation")
+    group.add_argument("--preset", default="greedy", choices=sorted(PRESETS), help="starting settings")
+    group.add_argument("--max-new-tokens", type=int, help="answer length limit in tokens")
+    group.add_argument("--min-new-tokens", type=int)
+    group.add_argument("--temperature", type=float, help="0 = greedy")
+    group.add_argument("--top-p", type=float)
+    group.add_argument("--top-k", type=int)
+    group.add_argument("--repetition-penalty", type=float)
+    group.add_argument("--num-beams", type=int)
+    group.add_argument("--stop", action="append", help="stop string (repeatable)")
+    group.add_argument("--seed", type=int)
+
+
+def settings_from_args(args) -> GenerationSettings:
+    """The settings chosen by ``add_generation_options`` flags (unset flags keep the preset)."""
+    names = ("max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k",
+             "repetition_penalty", "num_beams", "stop", "seed")
+    return from_preset(args.preset, **{n: getattr(args, n, None) for n in names})

@@ -1,0 +1,123 @@
+"""Trainer callbacks: metrics.jsonl, a progress bar with tokens/s, and Ctrl-C that saves.
+
+All of them act on the main process only (``state.is_world_process_zero``) where they
+write or print, so a multi-process run produces one log and one bar.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from tunelab.io import append_jsonl
+
+
+class MetricsLogger(TrainerCallback):
+    """Appends every logged record (train and eval) to ``metrics.jsonl``, with throughput."""
+
+    def __init__(self, path: Path, trainer_ref: Any, collator: Any):
+        self.path = Path(path)
+        self.trainer = trainer_ref
+        self.collator = collator
+        self.start = None
+        self.tokens_at_start = 0
+        self.records: list[dict[str, Any]] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.monotonic()
+        self.tokens_at_start = self.trainer.real_tokens_seen
+
+    def tokens_per_second(self) -> float | None:
+        if self.start is None:
+            return None
+        elapsed = time.monotonic() - self.start
+        done = self.trainer.real_tokens_seen - self.tokens_at_start
+        return done / elapsed if elapsed > 0 and done else None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs:
+            return
+        record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+        record.update({k: v for k, v in logs.items() if isinstance(v, (int, float, str))})
+        if "loss" in logs:
+            tps = self.tokens_per_second()
+            if tps:
+                record["tokens_per_second"] = round(tps, 1)
+            if self.collator.efficiency is not None:
+                record["efficiency"] = round(self.collator.efficiency, 4)
+        self.records.append(record)
+        if state.is_world_process_zero:
+            append_jsonl(self.path, record)
+
+
+class ProgressBar(TrainerCallback):
+    """A tqdm bar over optimizer steps showing loss, learning rate and real tokens per second."""
+
+    def __init__(self, metrics: MetricsLogger):
+        self.metrics = metrics
+        self.bar = None
+        self.postfix: dict[str, str] = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train",
+                            unit="step", dynamic_ncols=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is None or not logs:
+            return
+        if "loss" in logs:
+            self.postfix["loss"] = f"{logs['loss']:.4f}"
+        if "learning_rate" in logs:
+            self.postfix["lr"] = f"{logs['learning_rate']:.2e}"
+        if "eval_loss" in logs:
+            self.postfix["eval"] = f"{logs['eval_loss']:.4f}"
+        tps = self.metrics.tokens_per_second()
+        if tps:
+            self.postfix["tok/s"] = f"{tps:.0f}"
+        self.bar.set_postfix(self.postfix, refresh=True)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class SaveOnInterrupt(TrainerCallback):
+    """First Ctrl-C: finish the current step, save a checkpoint, stop. Second: stop now."""
+
+    def __init__(self):
+        self.interrupted = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        self.interrupted = True
+        print("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to abort)", flush=True)
+        signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not the main thread (e.g. a notebook worker): leave SIGINT alone
+            self._previous = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.interrupted:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+

@@ -1,0 +1,136 @@
+"""Run folders: refuse to clobber, then write everything eval/chat/serve/export need.
+
+Layout (see docs/architecture.md)::
+
+    config.yaml  adapter_*.safetensors | model.safetensors + config.json
+    tokenizer files + chat_template.jinja  metrics.jsonl  loss.png
+    trainer_state.json  README.md  checkpoints/checkpoint-N/
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from tunelab.config import RunConfig, save_config
+from tunelab.errors import TunelabError
+from tunelab.io import atomic_write_text
+
+RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "adapter_config.json", "model.safetensors")
+
+
+def holds_run(path: Path) -> bool:
+    """True when ``path`` already contains (part of) a training run."""
+    return path.is_dir() and any((path / marker).exists() for marker in RUN_MARKERS)
+
+
+def prepare_output_dir(cfg: RunConfig) -> Path:
+    """Create ``cfg.output_dir``; refuse an existing run unless overwrite or resume is set."""
+    out = Path(cfg.output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise TunelabError(f"output_dir: {out} exists and is not a folder")
+    if holds_run(out):
+        if cfg.train.resume:
+            pass  # continuing this run: keep its checkpoints and metrics
+        elif cfg.overwrite:
+            shutil.rmtree(out)
+        else:
+            raise TunelabError(
+                f"output_dir: {out} already holds a run; pass overwrite=true to replace it "
+                "or train.resume=auto to continue it")
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / "checkpoints" / ".staging", ignore_errors=True)  # a save cut short
+    return out
+
+
+def find_checkpoint(out: Path, resume: str | None) -> str | None:
+    """The checkpoint to resume from: the newest under ``out/checkpoints`` for ``auto``."""
+    if not resume:
+        return None
+    if resume != "auto":
+        path = Path(resume).expanduser()
+        if not (path / "trainer_state.json").is_file():
+            raise TunelabError(f"train.resume: {path} is not a checkpoint folder (no trainer_state.json)")
+        return str(path)
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = out / "checkpoints"
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+
+def plot_losses(records: list[dict[str, Any]], path: Path, title: str) -> Path | None:
+    """Train and eval loss against the optimizer step, written to ``path`` (PNG)."""
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    if not train and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    if train:
+        ax.plot(*zip(*train), label="train loss", color="tab:blue", linewidth=1.4)
+    if evals:
+        ax.plot(*zip(*evals), label="eval loss", color="tab:orange", marker="o", linewidth=1.6)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (mean per supervised token)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def _last(records: list[dict[str, Any]], key: str) -> Any:
+    values = [r[key] for r in records if key in r]
+    return values[-1] if values else None
+
+
+def _fmt(value: Any, spec: str = ".4f") -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def write_readme(out: Path, cfg: RunConfig, summary: dict[str, Any], records: list[dict[str, Any]]) -> Path:
+    """A short human summary of the run."""
+    data = ", ".join(cfg.data.train) + (f" (eval: {', '.join(cfg.data.eval)})" if cfg.data.eval else "")
+    rows = [
+        ("model", f"`{cfg.model.name}`"),
+        ("method", f"{cfg.method.name} — {summary.get('trainable', '')}"),
+        ("data", data),
+        ("examples", f"{summary.get('train_examples')} train, {summary.get('eval_examples', 0)} eval; "
+                     f"{summary.get('encode', '')}"),
+        ("batching", f"{'packed' if cfg.data.packing else 'padded'} rows, batch {cfg.train.batch_size} × "
+                     f"accumulation {cfg.train.grad_accum} × {summary.get('processes', 1)} process(es); "
+                     f"efficiency {_fmt(summary.get('efficiency'), '.1%')} real tokens"),
+        ("steps", f"{summary.get('steps')} optimizer steps, {_fmt(summary.get('epochs'), '.2f')} epochs"),
+        ("time", f"{_fmt(summary.get('seconds'), '.1f')} s, {_fmt(summary.get('tokens_per_second'), '.0f')} "
+                 "real tokens/s"),
+        ("final train loss", _fmt(_last(records, "loss"))),
+        ("final eval loss", _fmt(_last(records, "eval_loss"))),
+        ("precision", "bf16 autocast" if cfg.train.bf16 else "fp32"),
+    ]
+    lines = [f"# Run `{out.name}`", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    lines += ["", "![loss](loss.png)", "",
+              f"Use it: `tunelab chat {out}` · `tunelab eval {out} ...` · `tunelab export {out} --merge OUT`", ""]
+    return atomic_write_text(out / "README.md", "\n".join(lines))
+
+
+def save_run(trainer, tokenizer, cfg: RunConfig, out: Path, summary: dict[str, Any],
+             records: list[dict[str, Any]]) -> None:
+    """Write the final weights/adapter, tokenizer, config, state, plot and README (main process)."""
+    trainer.save_model(str(out))  # adapter or full weights, safetensors; main process only
+    if not trainer.is_world_process_zero():
+        return
+    tokenizer.save_pretrained(str(out))  # keeps the chat template (chat_template.jinja)
+    save_config(cfg, out / "config.yaml")
+    trainer.state.save_to_json(str(out / "trainer_state.json"))
+    plot_losses(records, out / "loss.png", f"{cfg.method.name} on {cfg.model.name}")
+    write_readme(out, cfg, summary, records)

@@ -1,0 +1,176 @@
+"""The generation core: settings, batching, order, stop strings, streaming, cancellation."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from tunelab.errors import TunelabError
+from tunelab.generation import (
+    FALLBACK_REPLY,
+    GenerationSettings,
+    StopFilter,
+    cut_at_stop,
+    from_preset,
+    generate,
+    generate_ids,
+    render_prompt,
+    stream,
+    with_fallback,
+)
+
+PROMPTS = [
+    [{"role": "user", "content": "Hello"}],
+    [{"role": "system", "content": "You are a doctor."},
+     {"role": "user", "content": "The patient has a fever and a cough. What should he do?"}],
+    "The capital of France is",
+    [{"role": "user", "content": "孕妇感冒发烧38度应该怎么办呢?"}],
+    [{"role": "user", "content": "thank you"}],
+]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_llama):
+    return tiny_llama
+
+
+def test_settings_validation_names_the_field():
+    with pytest.raises(TunelabError, match="generation.temperature"):
+        GenerationSettings(temperature=-1)
+    with pytest.raises(TunelabError, match="generation.top_p"):
+        GenerationSettings(top_p=0)
+    with pytest.raises(TunelabError, match="generation.max_new_tokens"):
+        GenerationSettings(max_new_tokens=0)
+    with pytest.raises(TunelabError, match="min_new_tokens"):
+        GenerationSettings(max_new_tokens=4, min_new_tokens=5)
+    with pytest.raises(TunelabError, match="generation.stop"):
+        GenerationSettings(stop=["ok", ""])
+    with pytest.raises(TunelabError, match="generation.num_beams"):
+        GenerationSettings(num_beams=1.5)
+
+
+def test_presets_and_overrides():
+    assert from_preset("greedy").greedy
+    sampling = from_preset("sampling", seed=3, max_new_tokens=None)
+    assert sampling.temperature > 0 and sampling.seed == 3 and sampling.max_new_tokens == 256
+    assert from_preset("beam", stop=["\n"]).num_beams > 1
+    assert from_preset("beam").stop == ()
+    with pytest.raises(TunelabError, match="preset 'nope'"):
+        from_preset("nope")
+    with pytest.raises(TunelabError, match="unknown setting 'temprature'"):
+        from_preset("greedy", temprature=1.0)
+    assert GenerationSettings(stop="END").stop == ("END",)
+    assert GenerationSettings().replace(max_new_tokens=5).max_new_tokens == 5
+
+
+def test_stop_filter_holds_back_prefixes_and_cuts():
+    f = StopFilter(["</s>", "\nUser:"])
+    shown = [f.feed(p) for p in ["Hel", "lo <", "/", "x and \nUs", "er: more"]]
+    assert shown == [("Hel", False), ("lo ", False), ("", False), ("</x and ", False), ("", True)]
+    assert f.text == "Hello </x and "
+    assert f.flush() == ""
+    assert cut_at_stop("a STOP b STOP", ["STOP"]) == ("a ", True)
+    assert cut_at_stop("你好。再见", ["。"]) == ("你好", True)
+    tail = StopFilter(["END"])
+    assert tail.feed("abcE") == ("abc", False)
+    assert tail.flush() == "E"
+
+
+def test_fallback_reply():
+    assert with_fallback("  \n") == FALLBACK_REPLY
+    assert with_fallback(" ok ") == " ok "
+
+
+def test_render_prompt_uses_chat_template(tiny_tokenizer):
+    ids = render_prompt(tiny_tokenizer, [{"role": "user", "content": "Hello"}])
+    assert tiny_tokenizer.decode(ids) == "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"
+    with pytest.raises(TunelabError, match="list of"):
+        render_prompt(tiny_tokenizer, [["user", "Hello"]])
+
+
+def test_render_prompt_without_template_says_what_to_do(make_tiny_tokenizer):
+    tokenizer = make_tiny_tokenizer(chat_template=None)
+    with pytest.raises(TunelabError, match="no chat template"):
+        render_prompt(tokenizer, [{"role": "user", "content": "Hello"}])
+    assert render_prompt(tokenizer, "Hello") == tokenizer("Hello")["input_ids"]
+
+
+def test_batched_equals_one_at_a_time_and_order_is_kept(model, tiny_tokenizer):
+    settings = GenerationSettings(max_new_tokens=12)
+    batched = generate(model, tiny_tokenizer, PROMPTS, settings, batch_size=4, progress=False)
+    single = [generate(model, tiny_tokenizer, [p], settings, progress=False)[0] for p in PROMPTS]
+    assert [r.text for r in batched] == [r.text for r in single]
+    assert [r.completion_tokens for r in batched] == [r.completion_tokens for r in single]
+    for prompt, result in zip(PROMPTS, batched):
+        assert result.prompt_tokens == len(render_prompt(tiny_tokenizer, prompt))
+        assert result.finish_reason in ("stop", "length")
+        assert 1 <= result.completion_tokens <= 12
+    assert len({r.text for r in batched}) > 1, "different prompts should give different answers"
+
+
+def test_length_finish_and_token_count(model, tiny_tokenizer):
+    (result,) = generate(model, tiny_tokenizer, ["Hello, how are you?"],
+                         GenerationSettings(max_new_tokens=5, min_new_tokens=5), progress=False)
+    assert result.finish_reason == "length"
+    assert result.completion_tokens == 5
+
+
+def test_stop_string_cuts_answer(model, tiny_tokenizer):
+    settings = GenerationSettings(max_new_tokens=24, min_new_tokens=24)
+    (full,) = generate(model, tiny_tokenizer, PROMPTS[1:2], settings, progress=False)
+    assert len(full.text) > 8
+    stop = full.text[len(full.text) // 2:len(full.text) // 2 + 3]
+    (cut,) = generate(model, tiny_tokenizer, PROMPTS[1:2], settings.replace(stop=(stop,)), progress=False)
+    assert cut.text == full.text[:full.text.index(stop)]
+    assert cut.finish_reason == "stop"
+    assert cut.completion_tokens < full.completion_tokens
+
+
+def test_per_row_limits_in_one_batch(model, tiny_tokenizer):
+    ids = [render_prompt(tiny_tokenizer, p) for p in PROMPTS[:3]]
+    settings = GenerationSettings(max_new_tokens=10, min_new_tokens=3)
+    results = generate_ids(model, tiny_tokenizer, ids, settings, limits=[3, 10, 6])
+    assert [r.completion_tokens for r in results][0] == 3
+    assert all(r.completion_tokens <= limit for r, limit in zip(results, [3, 10, 6]))
+
+
+def test_sampling_with_seed_is_reproducible(model, tiny_tokenizer):
+    settings = from_preset("sampling", max_new_tokens=10, seed=7, temperature=1.5)
+    first = generate(model, tiny_tokenizer, PROMPTS[:2], settings, progress=False)
+    again = generate(model, tiny_tokenizer, PROMPTS[:2], settings, progress=False)
+    assert [r.text for r in first] == [r.text for r in again]
+
+
+def test_beam_search_runs_and_applies_stops(model, tiny_tokenizer):
+    settings = from_preset("beam", max_new_tokens=8, num_beams=2)
+    (result,) = generate(model, tiny_tokenizer, PROMPTS[:1], settings, progress=False)
+    assert result.completion_tokens <= 8 and result.finish_reason in ("stop", "length")
+    with pytest.raises(TunelabError, match="cannot stream"):
+        stream(model, tiny_tokenizer, PROMPTS[0], settings)
+
+
+def test_stream_matches_generate(model, tiny_tokenizer):
+    settings = GenerationSettings(max_new_tokens=16)
+    (expected,) = generate(model, tiny_tokenizer, PROMPTS[3:4], settings, progress=False)
+    pieces = stream(model, tiny_tokenizer, PROMPTS[3], settings)
+    text = "".join(pieces)
+    assert text == expected.text
+    assert pieces.result.completion_tokens == expected.completion_tokens
+
+
+def test_stream_cancel_stops_generation(model, tiny_tokenizer):
+    settings = GenerationSettings(max_new_tokens=200, min_new_tokens=200)
+    cancel = threading.Event()
+    pieces = stream(model, tiny_tokenizer, PROMPTS[0], settings, cancel=cancel)
+    for count, _ in enumerate(pieces):
+        if count == 2:
+            cancel.set()
+    assert pieces.result.finish_reason == "cancelled"
+    assert pieces.result.completion_tokens < 200
+
+
+def test_context_overflow_is_a_user_error(model, tiny_tokenizer):
+    long_prompt = "Hello " * 600
+    with pytest.raises(TunelabError, match="context of 512 tokens"):
+        generate(model, tiny_tokenizer, [long_prompt], GenerationSettings(max_new_tokens=4), progress=False)
