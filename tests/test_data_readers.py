@@ -99,3 +99,32 @@ def test_unknown_suffix_missing_file_and_non_utf8(tmp_path):
     (tmp_path / "gbk.jsonl").write_bytes('{"a": "中文"}'.encode("gbk"))
     with pytest.raises(TunelabError, match="not UTF-8"):
         read_rows(tmp_path / "gbk.jsonl")
+
+
+def test_json_holding_jsonl_is_read_line_by_line(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(ROWS[0], ensure_ascii=False) + "\n" + json.dumps(ROWS[1]) + "\n", encoding="utf-8")
+    assert list(iter_rows(path)) == [(1, ROWS[0]), (2, ROWS[1])]
+
+
+def test_json_with_several_lists_or_a_scalar_is_refused(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({"train": ROWS, "test": ROWS}), encoding="utf-8")
+    with pytest.raises(TunelabError, match="several lists \\(train, test\\)"):
+        read_rows(path)
+    path.write_text("42", encoding="utf-8")
+    with pytest.raises(TunelabError, match="expected a list of records, got int"):
+        read_rows(path)
+
+
+@pytest.mark.parametrize("name, message", [("d.xlsx", "cannot open as Excel"), ("d.parquet", "cannot read as Parquet")])
+def test_corrupt_binary_files_are_one_line_errors(tmp_path, name, message):
+    (tmp_path / name).write_bytes(b"not really " + name.encode())
+    with pytest.raises(TunelabError, match=message):
+        read_rows(tmp_path / name)
+
+
+def test_sheet_only_for_excel(tmp_path):
+    (tmp_path / "d.jsonl").write_text("{}\n", encoding="utf-8")
+    with pytest.raises(TunelabError, match="only applies to .xlsx"):
+        read_rows(tmp_path / "d.jsonl", sheet="train")

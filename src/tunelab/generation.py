@@ -253,34 +253,36 @@ class _Rows:
     sequences so far, it decodes each live row's newest token, passes the text through
     the row's ``StopFilter``, and reports which rows are done (eos, stop string, their
     own token limit, or cancelled), so finished rows stop while the others go on.
+    ``on_text(row, piece)`` gets text as it becomes final, ``on_done(row, result)`` fires
+    once per row the moment that row finishes.
     """
 
-    def __init__(self, tokenizer, limits: list[int], stops, eos_ids: set[int], on_text=None, cancel=None):
-        self.tokenizer, self.limits, self.eos_ids = tokenizer, limits, eos_ids
-        self.on_text, self.cancel = on_text, cancel
+    def __init__(self, tokenizer, prompt_lens: list[int], limits: list[int], stops, eos_ids: set[int],
+                 on_text=None, on_done=None, cancel=None):
+        self.tokenizer, self.prompt_lens, self.limits, self.eos_ids = tokenizer, prompt_lens, limits, eos_ids
+        self.on_text, self.on_done, self.cancel = on_text, on_done, cancel
         n = len(limits)
         self.ids: list[list[int]] = [[] for _ in range(n)]
         self.decoded = [""] * n
         self.filters = [StopFilter(stops) for _ in range(n)]
-        self.finish: list[str | None] = [None] * n
+        self.results: list[GenerationResult | None] = [None] * n
 
     def __call__(self, input_ids, scores=None, **kwargs):
         import torch
 
         for row in range(len(self.limits)):
-            if self.finish[row] is None:
-                self.push(row, int(input_ids[row, -1]))
-        return torch.tensor([f is not None for f in self.finish], device=input_ids.device)
+            self.push(row, int(input_ids[row, -1]))
+        return torch.tensor([r is not None for r in self.results], device=input_ids.device)
 
     def push(self, row: int, token: int) -> None:
-        if self.finish[row] is not None:
+        if self.results[row] is not None:
             return
         if self.cancel is not None and self.cancel[row] is not None and self.cancel[row].is_set():
-            self.finish[row] = "cancelled"
+            self.finish(row, "cancelled")
             return
         self.ids[row].append(token)
         if token in self.eos_ids:
-            self._end(row, "stop")
+            self.finish(row, "stop")
             return
         text = self.tokenizer.decode(self.ids[row], skip_special_tokens=True)
         # A multi-byte character split over tokens decodes to U+FFFD until complete.
@@ -289,24 +291,28 @@ class _Rows:
             # transformers' TextStreamer we emit whatever lies beyond the old length.
             piece = text[len(self.decoded[row]):]
             self.decoded[row] = text
-            self._emit(row, *self.filters[row].feed(piece))
-        if self.finish[row] is None and len(self.ids[row]) >= self.limits[row]:
-            self._end(row, "length")
+            piece, stopped = self.filters[row].feed(piece)
+            self._emit(row, piece)
+            if stopped:
+                self.finish(row, "stop")
+                return
+        if len(self.ids[row]) >= self.limits[row]:
+            self.finish(row, "length")
 
-    def _emit(self, row: int, piece: str, stopped: bool) -> None:
+    def _emit(self, row: int, piece: str) -> None:
         if piece and self.on_text is not None:
             self.on_text(row, piece)
-        if stopped:
-            self.finish[row] = "stop"
 
-    def _end(self, row: int, reason: str) -> None:
-        self._emit(row, self.filters[row].flush(), False)
-        self.finish[row] = reason
-
-    def result(self, row: int, prompt_tokens: int) -> GenerationResult:
-        if self.finish[row] is None:  # generate() ended on its own max length
-            self._end(row, "length")
-        return GenerationResult(self.filters[row].text, prompt_tokens, len(self.ids[row]), self.finish[row])
+    def finish(self, row: int, reason: str) -> GenerationResult:
+        """End ``row`` (idempotent): show held-back text unless cancelled, report the result."""
+        if self.results[row] is None:
+            if reason != "cancelled":
+                self._emit(row, self.filters[row].flush())
+            result = GenerationResult(self.filters[row].text, self.prompt_lens[row], len(self.ids[row]), reason)
+            self.results[row] = result
+            if self.on_done is not None:
+                self.on_done(row, result)
+        return self.results[row]
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:
@@ -322,15 +328,17 @@ def eos_token_ids(model, tokenizer) -> set[int]:
 
 
 def _generation_kwargs(settings: GenerationSettings, max_new_tokens: int, pad_id: int, eos: set[int]) -> dict:
-    # Every sampling field is set explicitly: transformers fills unset ones from the
-    # model's own generation_config, which would make "greedy" depend on the checkpoint.
+    # When sampling, every sampling field is set explicitly: transformers fills unset ones
+    # from the checkpoint's generation_config (e.g. top_k=50), which would make our
+    # settings mean different things per model. Greedy decoding ignores them.
     kwargs = dict(
         max_new_tokens=max_new_tokens, min_new_tokens=settings.min_new_tokens or None,
         do_sample=not settings.greedy, num_beams=settings.num_beams,
-        temperature=settings.temperature or 1.0, top_p=settings.top_p, top_k=settings.top_k,
         repetition_penalty=settings.repetition_penalty, pad_token_id=pad_id,
         eos_token_id=sorted(eos) or None, use_cache=True,
     )
+    if not settings.greedy:
+        kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
     if settings.num_beams > 1:
         kwargs["early_stopping"] = True
     return kwargs
@@ -344,12 +352,14 @@ def generate_ids(
     *,
     limits: Sequence[int] | None = None,
     on_text: Callable[[int, str], None] | None = None,
+    on_done: Callable[[int, GenerationResult], None] | None = None,
     cancel: Sequence[threading.Event | None] | None = None,
 ) -> list[GenerationResult]:
     """Generate for one batch of tokenised prompts in a single ``model.generate`` call.
 
-    ``limits`` gives each row its own max_new_tokens (default: the settings'). ``on_text(row,
-    piece)`` is called from this thread as text becomes final; ``cancel[row]`` stops a row.
+    ``limits`` gives each row its own max_new_tokens (default: the settings'). From this
+    thread, ``on_text(row, piece)`` gets text as it becomes final and ``on_done(row,
+    result)`` fires when a row finishes; setting ``cancel[row]`` stops that row.
     """
     import torch
 
@@ -369,7 +379,7 @@ def generate_ids(
     attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompt_ids])
     device = getattr(model, "device", torch.device("cpu"))
     eos = eos_token_ids(model, tokenizer)
-    rows = _Rows(tokenizer, limits, settings.stop, eos, on_text, cancel)
+    rows = _Rows(tokenizer, [len(ids) for ids in prompt_ids], limits, settings.stop, eos, on_text, on_done, cancel)
     kwargs = _generation_kwargs(settings, max(limits), pad_id, eos)
     if settings.num_beams == 1:
         from transformers import StoppingCriteriaList
@@ -384,7 +394,8 @@ def generate_ids(
         for row in range(len(prompt_ids)):
             for token in output[row, width:].tolist():
                 rows.push(row, token)
-    return [rows.result(row, len(ids)) for row, ids in enumerate(prompt_ids)]
+    # Rows still open here ran into generate's own max length.
+    return [rows.finish(row, "length") for row in range(len(prompt_ids))]
 
 
 # ---------------------------------------------------------------- many prompts

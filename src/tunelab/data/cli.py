@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from tunelab.io import dumps
@@ -40,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _register_workshop(data_sub: argparse._SubParsersAction) -> None:
     try:
-        from tunelab.workshop import cli as workshop_cli
+        workshop_cli = importlib.import_module("tunelab.workshop.cli")
     except ModuleNotFoundError as exc:
         # Only the workshop CLI being absent is expected; a missing dependency inside it is a bug.
         if exc.name in ("tunelab.workshop", "tunelab.workshop.cli"):

@@ -26,16 +26,21 @@ class CheckReport:
     def summary(self) -> str:
         total = sum(self.rows.values())
         formats = ", ".join(f"{n} {fmt}" for fmt, n in sorted(self.formats.items())) or "none"
-        head = f"{total} conversations in {len(self.rows)} dataset(s) ({formats})"
+        head = f"{_plural(total, 'conversation')} in {_plural(len(self.rows), 'dataset')} ({formats})"
         if self.ok:
             return f"OK: {head}"
-        return f"{len(self.problems)} problem(s); {head} readable"
+        return f"{_plural(len(self.problems), 'problem')}; {head} readable"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def check(specs: Sequence[str], dataset_dir: str | None = None) -> CheckReport:
     """Read every dataset fully and collect all problems instead of stopping at the first."""
     report = CheckReport()
     for spec in specs:
+        known = len(report.problems)
         try:
             convs = load_dataset(spec, dataset_dir, on_error=report.problems.append)
         except TunelabError as exc:  # a whole-file problem: missing file, bad registry entry...
@@ -43,7 +48,7 @@ def check(specs: Sequence[str], dataset_dir: str | None = None) -> CheckReport:
             continue
         report.rows[spec] = len(convs)
         report.formats.update(c.meta.get("format", "?") for c in convs)
-        if not convs and not any(p.startswith(spec) for p in report.problems):
+        if not convs and len(report.problems) == known:
             report.problems.append(f"{spec}: no records")
     return report
 
@@ -68,7 +73,10 @@ def stats(specs: Sequence[str], tokenizer: Any, dataset_dir: str | None = None,
         per_dataset[spec] = len(convs)
         for conv in convs:
             formats[conv.meta.get("format", "?")] += 1
-            lengths.append(len(token_ids(tokenizer, chat_messages(conv))))
+            try:
+                lengths.append(len(token_ids(tokenizer, chat_messages(conv))))
+            except TunelabError as exc:
+                raise TunelabError(f"{conv.source}: {exc}") from None
             turns.append(sum(m.role == "assistant" for m in conv.messages))
     if not lengths:
         raise TunelabError(f"{', '.join(specs)}: no records")

@@ -9,6 +9,7 @@ Every problem is a ``TunelabError`` reading ``file:line: field: what is wrong``.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -68,6 +69,8 @@ def to_conversation(
     source: str = "", base_dir: str | Path | None = None,
 ) -> Conversation:
     """Turn one row into a Conversation; raises ``TunelabError`` naming ``source`` and the field."""
+    if fmt in ("sharegpt", "openai"):
+        columns, tags = _lenient_chat(row, fmt, columns, tags)
     cols, tag = resolve_mapping(fmt, columns, tags)
     try:
         if fmt == "alpaca":
@@ -81,6 +84,24 @@ def to_conversation(
     except RowError as exc:
         raise TunelabError(f"{source}: {exc}") from None
     return Conversation(messages, source, {"format": fmt})
+
+
+def _lenient_chat(row: dict[str, Any], fmt: str, columns: dict | None, tags: dict | None) -> tuple:
+    """Unmapped chat rows: accept either key (``conversations``/``messages``) and either
+    message shape (``from``/``value`` or ``role``/``content``), as both circulate under
+    both names. Anything the user mapped explicitly is left alone."""
+    columns = dict(columns or {})
+    if "messages" not in columns:
+        key = DEFAULT_COLUMNS[fmt]["messages"]
+        other = "messages" if key == "conversations" else "conversations"
+        if key not in row and other in row:
+            columns["messages"] = other
+    turns = row.get(columns.get("messages", DEFAULT_COLUMNS[fmt]["messages"]))
+    if tags is None and isinstance(turns, list) and turns and isinstance(turns[0], dict):
+        shape = "sharegpt" if "from" in turns[0] or "value" in turns[0] else "openai"
+        if shape != fmt:
+            tags = DEFAULT_TAGS[shape]
+    return columns or None, tags
 
 
 def _text(row: dict[str, Any], column: str, required: bool = False) -> str:
@@ -119,6 +140,11 @@ def _history(value: Any, field: str) -> list[Message]:
     """History as ``[[user, assistant], ...]`` pairs or ``[{role, content}, ...]`` turns."""
     if value in (None, "", []):
         return []
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:  # CSV/Excel cells can only hold history as JSON text
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise RowError(field, f"invalid JSON: {exc.msg} (column {exc.colno})") from None
     if not isinstance(value, list):
         raise RowError(field, f"expected a list, got {type(value).__name__}")
     messages = []
@@ -150,6 +176,8 @@ def _chat_messages(row: dict[str, Any], cols: dict, tag: dict, fmt: str) -> list
     if not isinstance(turns, list) or not turns:
         raise RowError(field, "expected a non-empty list of messages")
     roles = {tag["user_tag"]: "user", tag["assistant_tag"]: "assistant", tag["system_tag"]: "system"}
+    if tag["user_tag"] == "human" and tag["assistant_tag"] == "gpt":
+        roles.update({"user": "user", "assistant": "assistant"})  # common in sharegpt exports
     messages = []
     system = _text(row, cols["system"])
     if system:
@@ -244,26 +272,32 @@ def _check_turns(messages: list[Message], field: str) -> None:
         raise RowError(field, "the last message must be the assistant's answer")
     empty = [i + 1 for i, m in enumerate(body) if m.role == "assistant" and not m.text.strip()]
     if empty:
-        raise RowError(field, f"assistant message {empty[0]} is empty")
+        which = "the answer" if empty[0] == len(body) else f"message {empty[0]} (assistant)"
+        raise RowError(field, f"{which} is empty")
 
 
 def read_conversations(
     path: str | Path, fmt: str | None = None, columns: dict | None = None, tags: dict | None = None,
     sheet: str | None = None, on_error: Callable[[str], None] | None = None,
 ) -> list[Conversation]:
-    """Read a data file into Conversations; the format is detected from the first row if not given.
+    """Read a data file into Conversations.
+
+    Without ``fmt`` each row's format is detected from its keys (a file may mix them); a
+    row too broken to tell is read in the format of the rows before it, so its error
+    names the missing field. With remapped ``columns`` the format is detected once.
 
     ``on_error``: collect every problem (``file:line: field: what``) instead of raising the first.
     """
     path = Path(path)
     conversations = []
-    base_dir = path.parent
+    seen: str | None = None  # the last detected format, for rows too broken to tell
     for number, row in iter_rows(path, sheet, on_error):
         source = f"{path}:{number}"
         try:
             if fmt is None:
-                fmt = _detect_or_raise(row, columns, source)
-            conversations.append(to_conversation(row, fmt, columns, tags, source, base_dir))
+                detected = None if columns else detect_format(row)
+                seen = detected or seen or _detect_or_raise(row, columns, source)
+            conversations.append(to_conversation(row, fmt or seen, columns, tags, source, path.parent))
         except TunelabError as exc:
             if on_error is None:
                 raise

@@ -62,10 +62,14 @@ def resolve(spec: str, dataset_dir: str | Path | None = None) -> DatasetEntry:
     for candidate in _path_candidates(spec, dataset_dir):
         if candidate.exists():
             return DatasetEntry(spec, _files(candidate, spec))
-    if dataset_dir is None:
-        raise TunelabError(f"{spec}: no such file (to use a registered name, pass --dataset-dir / data.dataset_dir)")
-    info = read_registry(dataset_dir)
+    looks_like_path = "/" in spec or "\\" in spec or Path(spec).suffix.lower() in SUFFIXES
+    info = read_registry(dataset_dir) if dataset_dir is not None and (
+        not looks_like_path or (Path(dataset_dir) / INFO_FILE).is_file()) else {}
     if spec not in info:
+        if looks_like_path:
+            raise TunelabError(f"{spec}: no such file")
+        if dataset_dir is None:
+            raise TunelabError(f"{spec}: no such file (to use a registered name, pass --dataset-dir / data.dataset_dir)")
         names = ", ".join(sorted(info)) or "none"
         raise TunelabError(f"{spec}: no such file or dataset in {Path(dataset_dir) / INFO_FILE} (names: {names})")
     return _entry(spec, info[spec], Path(dataset_dir))

@@ -63,7 +63,7 @@ def token_ids(tokenizer: Any, messages: list[dict], add_generation_prompt: bool 
     if not messages:
         return []
     _require_template(tokenizer)
-    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+    out = _apply(tokenizer, messages, tokenize=True, add_generation_prompt=add_generation_prompt)
     if hasattr(out, "keys") and "input_ids" in out:  # BatchEncoding / dict in transformers 5
         out = out["input_ids"]
     if hasattr(out, "tolist"):
@@ -73,11 +73,24 @@ def token_ids(tokenizer: Any, messages: list[dict], add_generation_prompt: bool 
     return list(out)
 
 
+def _apply(tokenizer: Any, messages: list[dict], **kwargs: Any) -> Any:
+    """``apply_chat_template``; a template that refuses the data (``raise_exception``) is a user error."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, **kwargs)
+    except TemplateError as exc:
+        roles = "/".join(m["role"] for m in messages)
+        raise TunelabError(f"the chat template refused a conversation ({roles}): {exc}") from None
+
+
 def _require_template(tokenizer: Any) -> None:
     if not getattr(tokenizer, "chat_template", None):
+        from tunelab.models.templates import TEMPLATES  # only on this error path
+
         raise TunelabError(
-            "the tokenizer has no chat template: pick a hand-written one with model.template "
-            "(see tunelab.models.templates.TEMPLATES)")
+            "the tokenizer has no chat template: pick a hand-written one with --template / "
+            f"model.template ({', '.join(TEMPLATES)}, or a .jinja file)")
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -118,12 +131,13 @@ def supervised_spans(tokenizer: Any, conv: Conversation, full: list[int] | None 
             before = token_ids(tokenizer, messages[:i], add_generation_prompt=True)
         else:
             before = token_ids(tokenizer, messages[:i])
-        upto = token_ids(tokenizer, messages[: i + 1])
+        # The last message's rendering is the full one: skip a render per conversation.
+        upto = full if i == len(messages) - 1 else token_ids(tokenizer, messages[: i + 1])
         start = _common_prefix(before, upto)
         end = _answer_end(tokenizer, upto, start, special) if message.role == "assistant" else len(upto)
         if _common_prefix(upto, full) < end:
             raise TunelabError(
-                f"{conv.source}: the chat template renders message {i + 1} differently once later "
+                f"the chat template renders message {i + 1} differently once later "
                 "messages follow, so its tokens cannot be located; use mask_history or another template")
         spans.append((start, end))
     return spans
@@ -147,21 +161,30 @@ def _encode_one(tokenizer, conv, cutoff_len, truncation, mask_history, train_on_
     if truncation not in TRUNCATION:
         raise TunelabError(f"data.truncation: {truncation!r} is not one of {', '.join(TRUNCATION)}")
     conv = conv.with_learning(mask_history=mask_history, train_on_prompt=train_on_prompt)
-    full = token_ids(tokenizer, chat_messages(conv, image_token))
-    if truncation == "drop" and len(full) > cutoff_len:
-        return None, "too_long"
-    labels = [IGNORE_INDEX] * len(full)
-    if all(m.learn for m in conv.messages):
-        labels = list(full)  # train_on_prompt: every token, template markup included
-    else:
-        for start, end in supervised_spans(tokenizer, conv, full, image_token):
-            labels[start:end] = full[start:end]
+    try:
+        full = token_ids(tokenizer, chat_messages(conv, image_token))
+        if truncation == "drop" and len(full) > cutoff_len:
+            return None, "too_long"
+        labels = _labels(tokenizer, conv, full, image_token)
+    except TunelabError as exc:
+        if conv.source and not str(exc).startswith(conv.source):
+            raise TunelabError(f"{conv.source}: {exc}") from None
+        raise
     outcome = "kept"
     if len(full) > cutoff_len:
         full, labels, outcome = full[:cutoff_len], labels[:cutoff_len], "truncated"
     if all(label == IGNORE_INDEX for label in labels):
         return None, "no_target"
     return {"input_ids": full, "labels": labels, "attention_mask": [1] * len(full)}, outcome
+
+
+def _labels(tokenizer: Any, conv: Conversation, full: list[int], image_token: str) -> list[int]:
+    if all(m.learn for m in conv.messages):
+        return list(full)  # train_on_prompt: every token, template markup included
+    labels = [IGNORE_INDEX] * len(full)
+    for start, end in supervised_spans(tokenizer, conv, full, image_token):
+        labels[start:end] = full[start:end]
+    return labels
 
 
 def encode_all(
@@ -191,8 +214,8 @@ def render_text(tokenizer: Any, conv: Conversation, add_generation_prompt: bool 
                 image_token: str = "<image>") -> str:
     """The conversation as the chat template writes it."""
     _require_template(tokenizer)
-    return tokenizer.apply_chat_template(chat_messages(conv, image_token), tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+    return _apply(tokenizer, chat_messages(conv, image_token), tokenize=False,
+                  add_generation_prompt=add_generation_prompt)
 
 
 def prompt_ids(tokenizer: Any, conv: Conversation, image_token: str = "<image>") -> list[int]:

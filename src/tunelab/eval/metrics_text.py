@@ -61,7 +61,7 @@ def exact_match(predictions: list[str], references: list[Any], normalise: Any = 
     """Fraction of rows whose normalised prediction equals a normalised reference.
 
     A reference may be a list of acceptable answers (any match counts). Empty input
-    gives ``em = 0.0`` with ``em_n = 0``.
+    gives 0.0.
     """
     _check(predictions, references)
     hits = 0
@@ -69,7 +69,7 @@ def exact_match(predictions: list[str], references: list[Any], normalise: Any = 
         refs = ref if isinstance(ref, list) else [ref]
         pred_n = normalize(str(pred), normalise)
         hits += any(pred_n == normalize(str(r), normalise) for r in refs)
-    return {"em": hits / len(predictions) if predictions else 0.0, "em_n": len(predictions)}
+    return {"em": hits / len(predictions) if predictions else 0.0}
 
 
 def parse_json_answer(text: str) -> dict | None:
@@ -137,7 +137,6 @@ def json_field_accuracy(predictions: list[str], references: list[Any],
         "json_field_acc": sum(right.values()) / pairs if pairs else 0.0,
         "json_all_fields": all_right / len(predictions) if predictions else 0.0,
         "json_unparseable": unparseable,
-        "json_n": len(predictions),
     }
     for key in total:
         out[f"json_field.{key}"] = right[key] / total[key]

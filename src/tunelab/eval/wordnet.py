@@ -16,15 +16,12 @@ import re
 import shutil
 from pathlib import Path
 
+from tunelab.models.builtin import cache_dir
+
 SYSTEM_WORDNET = Path("/usr/share/wordnet")
 LEXNAMES_MAN = Path("/usr/share/man/man5/lexnames.5WN.gz")
 # lexicographer file prefix -> WordNet's syntactic category number (lexnames(5WN))
 _CATEGORY = {"noun": 1, "verb": 2, "adj": 3, "adv": 4}
-
-
-def cache_dir() -> Path:
-    """tunelab's cache folder: ``$TUNELAB_CACHE`` or ``~/.cache/tunelab``."""
-    return Path(os.environ.get("TUNELAB_CACHE") or Path.home() / ".cache" / "tunelab")
 
 
 def nltk_data_dir() -> Path:
@@ -43,7 +40,7 @@ def lexnames_from_man(man_text: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def install_wordnet(source: Path = SYSTEM_WORDNET, man_page: Path = LEXNAMES_MAN,
+def install_wordnet(source: Path | None = None, man_page: Path | None = None,
                     target: Path | None = None) -> Path:
     """Make ``<target>/corpora/wordnet`` from the Debian files; return that folder.
 
@@ -51,6 +48,8 @@ def install_wordnet(source: Path = SYSTEM_WORDNET, man_page: Path = LEXNAMES_MAN
     and hard-linked files alike. Raises ``FileNotFoundError``
     when the Debian packages are not installed.
     """
+    source = source or SYSTEM_WORDNET
+    man_page = man_page or LEXNAMES_MAN
     if not (source / "data.noun").is_file() or not (source / "index.sense").is_file():
         raise FileNotFoundError(f"{source}: WordNet database not found "
                                 "(apt-get install wordnet-base wordnet-sense-index)")

@@ -61,11 +61,16 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
-def report_trainable(model: nn.Module) -> str:
-    """Print (on the main process) and return the seed's line ``trainable params: N || ...``."""
+def trainable_line(model: nn.Module) -> str:
+    """The seed's line ``trainable params: N || all params: M || trainable%: P``."""
     trainable, total = count_parameters(model)
-    line = (f"trainable params: {trainable:,d} || all params: {total:,d} || "
+    return (f"trainable params: {trainable:,d} || all params: {total:,d} || "
             f"trainable%: {100 * trainable / max(total, 1):.4f}")
+
+
+def report_trainable(model: nn.Module) -> str:
+    """Print the trainable-parameter line (main process only) and return it."""
+    line = trainable_line(model)
     if int(os.environ.get("RANK", "0")) == 0:
         print(line, flush=True)
     return line

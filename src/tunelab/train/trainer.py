@@ -100,7 +100,7 @@ class SFTTrainer(Trainer):
                 and self.accelerator.num_processes > 1):
             # num_items_in_batch is summed over processes while DDP averages gradients.
             loss = loss * self.accelerator.num_processes
-        return (loss, None) if return_outputs else loss
+        return (loss, {}) if return_outputs else loss
 
     def _get_output_dir(self, trial) -> str:
         return self._staging_dir or super()._get_output_dir(trial)

@@ -226,7 +226,8 @@ def _rejected(record: dict, drop_empty: bool | list[str], checks: list) -> str |
     """The first reason to drop ``record``, or None to keep it."""
     empty_keys = ["instruction", "output"] if drop_empty is True else list(drop_empty or [])
     for key in empty_keys:
-        value = record.get(key, record["_row"].get(key))
+        # A column of the raw row first: "drop rows whose source field is empty".
+        value = record["_row"][key] if key in record["_row"] else record.get(key)
         if not _text(value).strip():
             return f"empty {key}"
     for key, reason, ok in checks:
@@ -251,7 +252,9 @@ def _grouper(recipe: Recipe) -> Callable[[dict], str]:
     template = text if fields else "{" + text + "}"
 
     def key(record: dict) -> str:
-        row = {**record["_row"], **{k: v for k, v in record.items() if k in RECORD_FIELDS}}
+        # Raw columns first: group_by names columns of the source (a recipe's record
+        # fields are only a fallback, e.g. for a hook's output).
+        row = {**{k: v for k, v in record.items() if k in RECORD_FIELDS}, **record["_row"]}
         try:
             return template.format_map({k: _text(v) for k, v in row.items()})
         except KeyError as exc:

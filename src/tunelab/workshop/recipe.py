@@ -9,6 +9,8 @@ template:                        # str.format fields name columns; write {{ }} f
   instruction: "原始词:{原始词}\\n该词的标准术语为:"
   output: "{标准词}"
 hook: package.module:function    # instead of template: row -> record | list | None
+# drop_empty: true checks the built instruction/output; a list names raw columns.
+# min/max_length and regex apply to built fields (instruction, output...) first.
 filters: {drop_empty: true, min_length: {output: 2}, max_length: {instruction: 4000},
           regex: {output: "^\\\\S"}, exclude_regex: {instruction: "http"}}
 sample: 5100                     # keep N records after filtering (seeded shuffle first)
@@ -96,9 +98,29 @@ def _mapping(value: Any, where: str) -> dict:
 def template_fields(text: str, where: str) -> list[str]:
     """Column names used by a ``str.format`` template (one-line error if malformed)."""
     try:
-        return [name for _, name, _, _ in string.Formatter().parse(text) if name is not None]
+        names = [name for _, name, _, _ in string.Formatter().parse(text) if name is not None]
     except ValueError as exc:
         raise TunelabError(f"{where}: bad template ({exc}); write {{{{ and }}}} for literal braces") from exc
+    for name in names:
+        if not name or name.isdigit():
+            raise TunelabError(f"{where}: '{{{name}}}' names no column; write {{column}} (or {{{{ }}}} for braces)")
+    return names
+
+
+_TYPES = {"sample": int, "seed": int, "shuffle": bool, "group_by": str, "hook": str, "keep_columns": list,
+          "split": dict, "sheet": str, "json_path": str, "drop_empty": (bool, list), "min_length": dict,
+          "max_length": dict, "regex": dict, "exclude_regex": dict}
+
+
+def _check_types(values: dict, where: str, types: dict | None = None) -> None:
+    types = {**_TYPES, **(types or {})}
+    for key, value in values.items():
+        wanted = types.get(key)
+        if wanted is None or value is None:
+            continue
+        if not isinstance(value, wanted) or (wanted is int and isinstance(value, bool)):
+            names = " or ".join(t.__name__ for t in (wanted if isinstance(wanted, tuple) else (wanted,)))
+            raise TunelabError(f"{where}: {key}: expected {names}, got {value!r}")
 
 
 def _source(raw: Any, base: Path, where: str) -> Source:
@@ -107,6 +129,7 @@ def _source(raw: Any, base: Path, where: str) -> Source:
     raw = _mapping(raw, where)
     allowed = [f.name for f in fields(Source)]
     _unknown(where, set(raw), allowed)
+    _check_types(raw, where, {"split": str})
     if "path" not in raw:
         raise TunelabError(f"{where}: path: missing")
     path = Path(str(raw["path"])).expanduser()
@@ -116,7 +139,9 @@ def _source(raw: Any, base: Path, where: str) -> Source:
 def parse_recipe(data: Any, path: Path | None = None) -> Recipe:
     """Validate a recipe mapping; ``path`` (the YAML file) anchors relative paths."""
     label = str(path) if path else "recipe"
-    data = _mapping(data, label)
+    data = dict(_mapping(data, label))
+    if not str(data.get("name") or "").strip():
+        raise TunelabError(f"{label}: name: missing")
     allowed = [f.name for f in fields(Recipe) if f.name not in ("path", "sources")] + ["sources", "source"]
     _unknown(label, set(data), allowed)
     base = path.parent if path else Path.cwd()
@@ -136,11 +161,13 @@ def parse_recipe(data: Any, path: Path | None = None) -> Recipe:
         raise TunelabError(f"{label}: template: needs both 'instruction' and 'output'")
     raw_filters = _mapping(data.pop("filters", None), f"{label}: filters")
     _unknown(f"{label}: filters", set(raw_filters), [f.name for f in fields(Filters)])
+    _check_types(raw_filters, f"{label}: filters")
+    _check_types(data, label)
+    if "train" in (data.get("split") or {}):
+        raise TunelabError(f"{label}: split: list only held-out splits (e.g. test: 0.1); train gets the rest")
     out = data.pop("out", None)
     recipe = Recipe(sources=sources, template=template, filters=Filters(**raw_filters), path=path,
-                    out=(base / str(out)) if out else None, **data)
-    if not recipe.name or not str(recipe.name).strip():
-        raise TunelabError(f"{label}: name: missing")
+                    out=(base / str(out)).resolve() if out else None, **data)
     return recipe
 
 

@@ -9,7 +9,7 @@ never used: such rows teach a model to copy its input (FACTS.md).
 
 ``icd10cm-chapter``: a code's description -> its chapter (or block), a closed-label
 task a small model can learn; sibling codes share a split so the test set is not
-solved by near-identical training rows.
+solved by near-identical training rows. Codes of chapter 22 without a block are skipped.
 """
 
 from __future__ import annotations
@@ -50,9 +50,11 @@ def _norm(text: str) -> str:
 
 def code_meta(cm: Any, code: str) -> dict[str, str]:
     """Chapter and block of a code (for per-chapter accuracy later)."""
+    # Ancestors run from the parent up to the chapter; the block sits just below the
+    # chapter (asked by position: a one-category block shares its category's name).
     ancestors = cm.get_ancestors(code)
-    chapter = next((a for a in ancestors if cm.is_chapter(a)), "")
-    block = next((a for a in ancestors if cm.is_block(a)), "")
+    chapter = ancestors[-1] if ancestors and cm.is_chapter(ancestors[-1]) else ""
+    block = ancestors[-2] if chapter and len(ancestors) >= 2 else ""
     return {
         "code": code,
         "chapter": chapter,
@@ -182,7 +184,8 @@ def build_icd10cm_chapter(
     """Build ``icd10cm-chapter``: leaf description -> chapter title (or block title).
 
     per_label: at most this many rows per chapter/block, so the labels stay balanced.
-    Rows are grouped by 3-character category, and a category's rows share a split.
+    Rows are grouped (by 3-character category for chapters; by subcategory such as
+    ``D33.1`` for blocks, which often hold one category) and a group shares a split.
     """
     if level not in ("chapter", "block"):
         raise TunelabError(f"icd10cm-chapter: level: must be 'chapter' or 'block', got {level!r}")
@@ -193,10 +196,13 @@ def build_icd10cm_chapter(
         if not cm.is_leaf(code):
             continue
         meta = code_meta(cm, code)
+        if not meta["chapter"] or not meta["block"]:
+            continue
         label = meta["chapter_title"] if level == "chapter" else cm.get_description(meta["block"])
         prompt = CHAPTER_PROMPT.format(level=level, Level=level.capitalize(), word=cm.get_description(code))
         by_label.setdefault(label, []).append(
-            {"instruction": prompt, "input": "", "output": label, "group": code[:3], **meta})
+            {"instruction": prompt, "input": "", "output": label, "group": code[:3] if level == "chapter" else code[:5],
+             **meta})
     rows: list[dict] = []
     for label in sorted(by_label):
         candidates = by_label[label]

@@ -1,0 +1,175 @@
+"""``tunelab chat MODEL_OR_RUN``: talk to a model in the terminal.
+
+Multi-turn history, a system prompt (``--system`` or ``/system TEXT``), answers streamed
+as they are generated, ``clear`` to forget, ``exit``/``quit`` to leave, Ctrl-C to stop
+the current answer without leaving. When stdin is not a terminal it reads one message
+per line and prints one answer per message, so sessions can be scripted.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+from tunelab.config import DEFAULT_MODEL
+from tunelab.generation import (
+    FALLBACK_REPLY,
+    GenerationSettings,
+    add_generation_options,
+    context_length,
+    render_prompt,
+    stream,
+)
+
+EXIT_WORDS = ("exit", "quit")
+HELP = "commands: exit | quit | clear | /system TEXT (empty TEXT removes it); Ctrl-C stops an answer"
+
+
+class ChatSession:
+    """History and system prompt of one conversation, trimmed to fit the model's context."""
+
+    def __init__(self, model, tokenizer, settings: GenerationSettings, system: str | None = None):
+        self.model, self.tokenizer, self.settings = model, tokenizer, settings
+        self.system = system or None
+        self.history: list[dict[str, str]] = []
+
+    def messages(self, user_text: str) -> list[dict[str, str]]:
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + self.history + [{"role": "user", "content": user_text}]
+
+    def fit(self, user_text: str) -> tuple[list[dict[str, str]] | None, int]:
+        """Messages for this turn after dropping the oldest turns that overflow the context.
+
+        Returns ``(messages, dropped_turns)``; messages is None when even the new
+        message alone (with the system prompt) does not fit.
+        """
+        limit = context_length(self.model)
+        dropped = 0
+        while True:
+            messages = self.messages(user_text)
+            if limit is None or len(render_prompt(self.tokenizer, messages)) + self.settings.max_new_tokens <= limit:
+                return messages, dropped
+            if not self.history:
+                return None, dropped
+            del self.history[:2]  # one turn = the user message and its answer
+            dropped += 1
+
+    def remember(self, user_text: str, answer: str) -> None:
+        self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": answer}]
+
+
+def chat_loop(
+    model,
+    tokenizer,
+    settings: GenerationSettings | None = None,
+    system: str | None = None,
+    input: TextIO = sys.stdin,
+    output: TextIO = sys.stdout,
+) -> ChatSession:
+    """Run the conversation until ``exit``/``quit`` or end of input; returns the session."""
+    session = ChatSession(model, tokenizer, settings or GenerationSettings(), system)
+    interactive = _isatty(input)
+    if interactive:
+        _say(output, f"chatting with the model; {HELP}")
+    while True:
+        line = _read(input, output, interactive)
+        if line is None:
+            break
+        command = line.strip()
+        if not command:
+            continue
+        if command.lower() in EXIT_WORDS:
+            break
+        if command.lower() == "clear":
+            session.history.clear()
+            _say(output, "(history cleared)")
+            continue
+        if command == "/system" or command.startswith("/system "):
+            session.system = command[len("/system"):].strip() or None
+            _say(output, f"(system prompt {'set' if session.system else 'removed'})")
+            continue
+        _answer(session, line, output, interactive)
+    return session
+
+
+def _read(input: TextIO, output: TextIO, interactive: bool) -> str | None:
+    if interactive:
+        output.write("User  >>> ")
+        output.flush()
+    try:
+        line = input.readline()
+    except KeyboardInterrupt:
+        output.write("\n")
+        return None
+    if not line:
+        return None
+    # Only the line ending goes: spaces are part of what the user said (seed 004 lost them).
+    return line.rstrip("\r\n")
+
+
+def _answer(session: ChatSession, user_text: str, output: TextIO, interactive: bool) -> None:
+    messages, dropped = session.fit(user_text)
+    if dropped:
+        _say(output, f"(history trimmed: dropped the {dropped} oldest turn(s) to fit the model's context)")
+    if messages is None:
+        _say(output, "(message too long for the model's context; not sent)")
+        return
+    if interactive:
+        output.write("Assistant >>> ")
+    pieces = stream(session.model, session.tokenizer, messages, session.settings)
+    shown: list[str] = []
+    try:
+        for piece in pieces:
+            output.write(piece)
+            output.flush()
+            shown.append(piece)
+    except KeyboardInterrupt:
+        pieces.cancel()
+        pieces.join()
+        output.write(" (stopped)")
+    answer = "".join(shown)
+    if not answer.strip():
+        output.write(FALLBACK_REPLY)
+        answer = FALLBACK_REPLY
+    output.write("\n")
+    output.flush()
+    session.remember(user_text, answer)
+
+
+def _say(output: TextIO, text: str) -> None:
+    output.write(text + "\n")
+    output.flush()
+
+
+def _isatty(stream_: TextIO) -> bool:
+    try:
+        return stream_.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def run_chat(spec: str, settings: GenerationSettings, system: str | None = None) -> None:
+    """Load ``spec`` (model, run folder or builtin) and chat on stdin/stdout."""
+    from tunelab.models import load_model
+
+    print(f"loading {spec} ...", file=sys.stderr, flush=True)
+    model, tokenizer = load_model(spec)
+    chat_loop(model, tokenizer, settings, system)
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "chat", help="chat with a model or run folder in the terminal",
+        description=__doc__.splitlines()[0],
+    )
+    parser.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"model spec or run folder (default {DEFAULT_MODEL})")
+    parser.add_argument("--system", help="system prompt (default: none, or the chat template's own default)")
+    add_generation_options(parser)
+    parser.set_defaults(func=_main)
+
+
+def _main(args) -> int:
+    from tunelab.generation import settings_from_args
+
+    run_chat(args.model, settings_from_args(args), args.system)
+    return 0

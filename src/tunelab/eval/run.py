@@ -1,0 +1,171 @@
+"""``evaluate(cfg)``: several models on the same test sets, one before/after report.
+
+For each model (base spec, run folder, merged export) and each test set: the prompt is
+every message before the last assistant answer, the reference is that answer; answers
+are generated in batches by ``tunelab.generation`` (left padding, KV cache, sorted by
+length), written to ``<out>/<model>/<test set>/predictions.jsonl`` next to prompt and
+reference, and scored. ``report.json``/``report.md``/``report.html`` hold the numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from tunelab.config import RunConfig
+from tunelab.errors import TunelabError
+from tunelab.eval.metrics import MetricOptions, parse_metrics, score
+from tunelab.io import write_jsonl
+
+
+@dataclasses.dataclass
+class TestSet:
+    """Prompts and references of one test set (rows in file order)."""
+
+    name: str
+    prompts: list[list[dict[str, Any]]]
+    references: list[str]
+    sources: list[str]
+
+
+def label(spec: str, taken: set[str]) -> str:
+    """A short, unique, file-system-safe name for a model or test set spec."""
+    text = spec.split(":", 1)[1] if spec.startswith("builtin:") else Path(spec.rstrip("/")).name or spec
+    text = re.sub(r"[^\w.\-]+", "_", Path(text).stem if text.endswith((".jsonl", ".json", ".csv")) else text) or "x"
+    name, n = text, 2
+    while name in taken:
+        name, n = f"{text}-{n}", n + 1
+    taken.add(name)
+    return name
+
+
+def load_test_set(spec: str, dataset_dir: str | None, max_samples: int | None, name: str) -> TestSet:
+    """Read a dataset; each conversation must end with the assistant answer to compare with."""
+    from tunelab.data import load_dataset
+
+    prompts, refs, sources = [], [], []
+    for conv in load_dataset(spec, dataset_dir):
+        messages = conv.to_openai()
+        if not messages or messages[-1]["role"] != "assistant":
+            raise TunelabError(f"{conv.source or spec}: no assistant answer at the end to compare with")
+        prompts.append(messages[:-1])
+        refs.append(str(conv.messages[-1].text))
+        sources.append(conv.source)
+    if max_samples is not None:  # the first N: every model sees the same rows, in file order
+        prompts, refs, sources = prompts[:max_samples], refs[:max_samples], sources[:max_samples]
+    if not prompts:
+        raise TunelabError(f"{spec}: test set is empty")
+    return TestSet(name, prompts, refs, sources)
+
+
+def default_models(cfg: RunConfig) -> list[str]:
+    """``eval.models``, else the base model followed by the run folder when it holds a run."""
+    if cfg.eval.models:
+        return list(cfg.eval.models)
+    models = [cfg.model.name]
+    if (Path(cfg.output_dir) / "config.yaml").is_file():
+        models.append(cfg.output_dir)
+    return models
+
+
+def _settings(cfg: RunConfig):
+    from tunelab.generation import from_preset
+
+    return from_preset(cfg.eval.preset, max_new_tokens=cfg.eval.max_new_tokens)
+
+
+def _evaluate_model(spec: str, cfg: RunConfig, test_sets: list[TestSet], out: Path, model_name: str,
+                    settings, progress: bool) -> tuple[dict, dict]:
+    """Generate and score one model on every test set; returns (metrics, timings)."""
+    from tunelab.generation import generate
+    from tunelab.models import load_model
+
+    start = time.perf_counter()
+    model, tokenizer = load_model(dataclasses.replace(cfg.model, name=spec))
+    timings: dict[str, Any] = {"load_s": round(time.perf_counter() - start, 2)}
+    metrics: dict[str, Any] = {}
+    names = parse_metrics(cfg.eval.metrics)
+    for test in test_sets:
+        start = time.perf_counter()
+        results = generate(model, tokenizer, test.prompts, settings, batch_size=cfg.eval.batch_size,
+                           progress=progress)
+        gen_s = time.perf_counter() - start
+        predictions = [r.text for r in results]
+        write_jsonl(out / model_name / test.name / "predictions.jsonl", [
+            {"prompt": p, "reference": ref, "prediction": r.text, "finish_reason": r.finish_reason,
+             "completion_tokens": r.completion_tokens, "source": src}
+            for p, ref, r, src in zip(test.prompts, test.references, results, test.sources)])
+        metric_times: dict[str, float] = {}
+        options = MetricOptions(model=(model, tokenizer), prompts=test.prompts)
+        metrics[test.name] = score(predictions, test.references, names, options, metric_times)
+        tokens = sum(r.completion_tokens for r in results)
+        timings[test.name] = {"generate_s": round(gen_s, 2), "completion_tokens": tokens,
+                              "tokens_per_s": round(tokens / gen_s, 1) if gen_s else None,
+                              "metrics_s": metric_times}
+    del model
+    gc.collect()
+    return metrics, timings
+
+
+def evaluate(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
+    """Evaluate ``eval.models`` on ``eval.datasets`` (default: data.eval) and write the report.
+
+    Returns the report dict (also written as report.json); the first model is the
+    "before" column of every table.
+    """
+    from tunelab.eval.report import write_reports
+
+    models = default_models(cfg)
+    datasets = list(cfg.eval.datasets or cfg.data.eval)
+    if not datasets:
+        raise TunelabError("eval.datasets: no test set (set eval.datasets or data.eval)")
+    parse_metrics(cfg.eval.metrics)
+    settings = _settings(cfg)
+    out = Path(cfg.eval.output_dir or Path(cfg.output_dir) / "eval")
+    taken: set[str] = set()
+    test_sets = [load_test_set(spec, cfg.data.dataset_dir, cfg.eval.max_samples, label(spec, taken))
+                 for spec in datasets]
+    taken_models: set[str] = set()
+    model_names = [label(spec, taken_models) for spec in models]
+    report: dict[str, Any] = {
+        "models": dict(zip(model_names, models)),
+        "test_sets": {t.name: {"spec": spec, "rows": len(t.prompts)} for t, spec in zip(test_sets, datasets)},
+        "metrics": parse_metrics(cfg.eval.metrics),
+        "settings": {"generation": dataclasses.asdict(settings), "preset": cfg.eval.preset,
+                     "batch_size": cfg.eval.batch_size, "max_samples": cfg.eval.max_samples,
+                     "precision": cfg.model.precision},
+        "results": {t.name: {} for t in test_sets},
+        "timings": {},
+    }
+    started = time.perf_counter()
+    for spec, name in zip(models, model_names):
+        metrics, timings = _evaluate_model(spec, cfg, test_sets, out, name, settings, progress)
+        for test_name, values in metrics.items():
+            report["results"][test_name][name] = values
+        report["timings"][name] = timings
+    report["timings"]["total_s"] = round(time.perf_counter() - started, 2)
+    report["examples"] = _examples(out, test_sets, model_names)
+    report["output_dir"] = str(out)
+    write_reports(report, out)
+    return report
+
+
+def _examples(out: Path, test_sets: list[TestSet], model_names: list[str], count: int = 3) -> dict[str, list]:
+    """The first few rows of each test set with every model's answer side by side."""
+    import json
+
+    examples: dict[str, list] = {}
+    for test in test_sets:
+        answers = {}
+        for name in model_names:
+            lines = (out / name / test.name / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
+            answers[name] = [json.loads(line)["prediction"] for line in lines[:count]]
+        examples[test.name] = [
+            {"prompt": test.prompts[i][-1]["content"] if test.prompts[i] else "", "reference": test.references[i],
+             "predictions": {name: answers[name][i] for name in model_names}}
+            for i in range(min(count, len(test.prompts)))]
+    return examples

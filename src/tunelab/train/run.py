@@ -1,0 +1,173 @@
+"""``train(cfg) -> Path``: one SFT run from a RunConfig to a self-describing run folder."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from tunelab.config import RunConfig, save_config
+from tunelab.errors import TunelabError
+from tunelab.train.collate import SFTCollator, pack_examples
+from tunelab.train.methods import get_method, trainable_line
+from tunelab.train.runfolder import find_checkpoint, prepare_output_dir, save_run
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _split(examples: list, val_size: float, seed: int) -> tuple[list, list]:
+    """Hold out a seeded random ``val_size`` (fraction < 1, or a count) for eval loss."""
+    if not val_size:
+        return examples, []
+    n = int(val_size) if val_size >= 1 else math.ceil(len(examples) * val_size)
+    if not 0 < n < len(examples):
+        raise TunelabError(f"data.val_size: {val_size} leaves no training or no eval examples "
+                           f"out of {len(examples)}")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n])
+    return ([e for i, e in enumerate(examples) if i not in held],
+            [e for i, e in enumerate(examples) if i in held])
+
+
+def build_examples(cfg: RunConfig, tokenizer) -> tuple[list[dict], list[dict], str]:
+    """Read, encode and split the data: (train examples, eval examples, encode summary)."""
+    from tunelab.data.registry import load_datasets
+    from tunelab.data.render import encode_all
+
+    if not cfg.data.train:
+        raise TunelabError("data.train: no training data given (a file path or a dataset name)")
+    d = cfg.data
+
+    def encode(specs):
+        convs = load_datasets(specs, d.dataset_dir, d.max_samples, cfg.train.seed)
+        return encode_all(tokenizer, convs, d.cutoff_len, d.truncation, d.mask_history, d.train_on_prompt)
+
+    train_ex, stats = encode(d.train)
+    if not train_ex:
+        raise TunelabError(f"data.train: no usable examples ({stats.summary()})")
+    train_ex, eval_ex = _split(train_ex, d.val_size, cfg.train.seed)
+    if d.eval:
+        eval_ex = eval_ex + encode(d.eval)[0]
+    return train_ex, eval_ex, stats.summary()
+
+
+def to_dataset(examples: list[dict], packing: bool, max_len: int):
+    """A datasets.Dataset of rows (packed or not) with a ``length`` column for grouping."""
+    from datasets import Dataset
+
+    if packing:
+        rows = pack_examples(examples, max_len)
+    else:
+        rows = [{"input_ids": e["input_ids"], "labels": e["labels"], "length": len(e["input_ids"])}
+                for e in examples]
+    return Dataset.from_list(rows)
+
+
+def training_arguments(cfg: RunConfig, out: Path, steps_per_epoch: int, has_eval: bool):
+    """Map TrainConfig onto transformers' TrainingArguments."""
+    import torch
+    from transformers import TrainingArguments
+
+    t = cfg.train
+    total = t.max_steps if t.max_steps > 0 else math.ceil(steps_per_epoch * t.epochs)
+    eval_kwargs: dict[str, Any] = {"eval_strategy": "no"}
+    if has_eval:
+        every = t.eval_steps or (steps_per_epoch if total >= steps_per_epoch else max(1, total // 5))
+        eval_kwargs = {"eval_strategy": "steps", "eval_steps": every,
+                       "per_device_eval_batch_size": t.batch_size}
+        if t.early_stopping_patience:
+            eval_kwargs.update(metric_for_best_model="eval_loss", greater_is_better=False)
+    save = {"save_strategy": t.save_strategy, "save_steps": t.save_steps,
+            "save_total_limit": t.save_total_limit}
+    if t.early_stopping_patience and t.save_strategy == "steps":
+        eval_kwargs["eval_steps"] = t.save_steps  # keep evaluations and checkpoints aligned
+    return TrainingArguments(
+        output_dir=str(out / "checkpoints"), num_train_epochs=t.epochs, max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr, lr_scheduler_type=t.scheduler, warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, bf16=t.bf16,
+        use_cpu=not torch.cuda.is_available(), activation_checkpointing=t.gradient_checkpointing,
+        seed=t.seed, data_seed=t.seed, logging_steps=t.logging_steps, logging_first_step=True,
+        report_to="none", remove_unused_columns=False, prediction_loss_only=True,
+        train_sampling_strategy="group_by_length" if cfg.data.group_by_length else "random",
+        disable_tqdm=True, dataloader_num_workers=0, ddp_find_unused_parameters=False,
+        **save, **eval_kwargs,
+    )
+
+
+def _summary(trainer, collator, metrics, cfg, started: float, extra: dict[str, Any]) -> dict[str, Any]:
+    return {
+        **extra,
+        "steps": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "seconds": time.monotonic() - started,
+        "tokens_per_second": metrics.tokens_per_second(),
+        "efficiency": collator.efficiency,
+        "processes": trainer.accelerator.num_processes,
+    }
+
+
+def train(cfg: RunConfig, callbacks: list | None = None) -> Path:
+    """Fine-tune ``cfg.model`` on ``cfg.data`` with ``cfg.method``; return the run folder.
+
+    ``callbacks`` are extra transformers ``TrainerCallback`` objects (tests use one to
+    stop mid-run). Ctrl-C saves a checkpoint and raises ``KeyboardInterrupt``.
+    """
+    from transformers import EarlyStoppingCallback, PrinterCallback, set_seed
+
+    from tunelab.models import load_model
+    from tunelab.train.callbacks import MetricsLogger, ProgressBar, SaveOnInterrupt
+    from tunelab.train.trainer import SFTTrainer
+
+    started = time.monotonic()
+    method = get_method(cfg.method.name)
+    if method.preflight:
+        method.preflight(cfg.method)  # before any slow load: fail fast on this machine
+    out = prepare_output_dir(cfg) if _is_main() else Path(cfg.output_dir).expanduser()
+    if _is_main():
+        save_config(cfg, out / "config.yaml")
+    set_seed(cfg.train.seed)  # adapter initialisation is random: same seed, same start
+    extra = method.load_kwargs(cfg.method) if method.load_kwargs else {}
+    model, tokenizer = load_model(cfg.model, for_training=True, **extra)
+    train_ex, eval_ex, encode_summary = build_examples(cfg, tokenizer)
+    train_ds = to_dataset(train_ex, cfg.data.packing, cfg.data.cutoff_len)
+    eval_ds = to_dataset(eval_ex, False, cfg.data.cutoff_len) if eval_ex else None
+    model = method.prepare(model, cfg.method)
+    if cfg.train.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()  # frozen embeddings would cut the graph otherwise
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_step = cfg.train.batch_size * cfg.train.grad_accum * world
+    args = training_arguments(cfg, out, max(1, math.ceil(len(train_ds) / per_step)), eval_ds is not None)
+    collator = SFTCollator(tokenizer.pad_token_id)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         data_collator=collator, processing_class=tokenizer)
+    trainer.remove_callback(PrinterCallback)  # our progress bar shows the logs instead
+    metrics = MetricsLogger(out / "metrics.jsonl", trainer, collator)
+    interrupt = SaveOnInterrupt()
+    for cb in [metrics, ProgressBar(metrics), interrupt, *(callbacks or [])]:
+        trainer.add_callback(cb)
+    if cfg.train.early_stopping_patience and eval_ds is not None:
+        trainer.add_callback(EarlyStoppingCallback(cfg.train.early_stopping_patience))
+    checkpoint = find_checkpoint(out, cfg.train.resume)
+    if checkpoint and _is_main():
+        print(f"resuming from {checkpoint}", flush=True)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    if interrupt.interrupted:
+        print(f"stopped at step {trainer.state.global_step}; checkpoint saved in {out / 'checkpoints'}; "
+              "continue with train.resume=auto", flush=True)
+        raise KeyboardInterrupt
+    if eval_ds is not None and not any("eval_loss" in r and r["step"] == trainer.state.global_step
+                                       for r in metrics.records):
+        trainer.evaluate()  # the run always ends with an eval loss when there is eval data
+    summary = _summary(trainer, collator, metrics, cfg, started, {
+        "trainable": trainable_line(trainer.model), "train_examples": len(train_ex),
+        "eval_examples": len(eval_ex), "encode": encode_summary})
+    save_run(trainer, tokenizer, cfg, out, summary, metrics.records)
+    return out
+

@@ -1,0 +1,198 @@
+"""The training engine end to end on a tiny random Llama saved as a model folder."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from tunelab.config import load_config
+from tunelab.errors import TunelabError
+from tunelab.train import train
+
+WORDS = ["fever", "cough", "rest", "water", "patient", "发烧", "感冒", "headache"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tiny_llama, tiny_tokenizer):
+    folder = tmp_path_factory.mktemp("tiny_model")
+    tiny_llama.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    """A small learnable task: copy a word in upper case (Chinese unchanged)."""
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("data") / "norm.jsonl"
+    rows = []
+    for i in range(40):
+        word = rng.choice(WORDS)
+        rows.append({"instruction": f"Normalize: {word} {i % 5}", "input": "", "output": f"{word.upper()} {i % 5}"})
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def run(tiny_dir, data_file, out, *overrides, callbacks=None):
+    cfg = load_config(None, [f"model.name={tiny_dir}", f"data.train=[{data_file}]", f"output_dir={out}",
+                             "train.bf16=false", "train.batch_size=4", "train.lr=5e-3", "data.group_by_length=false",
+                             *overrides])
+    return train(cfg, callbacks=callbacks)
+
+
+class WatchParams(TrainerCallback):
+    """Snapshot every parameter at the start; at the end record which ones changed."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        self.trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), self.before[n])}
+
+
+class StopAt(TrainerCallback):
+    """What a kill leaves behind: a checkpoint at step ``step`` and nothing after it."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+class GradAtFirstStep(TrainerCallback):
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 0:
+            self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def logged(out, key="loss"):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    return [(r["step"], r[key]) for r in rows if key in r]
+
+
+@pytest.mark.parametrize("method", ["lora", "freeze", "prefix"])
+def test_only_trainable_parameters_change(tiny_dir, data_file, tmp_path, method):
+    watch = WatchParams()
+    run(tiny_dir, data_file, tmp_path / "run", f"method.name={method}", "method.freeze_trainable_layers=1",
+        "train.max_steps=3", callbacks=[watch])
+    frozen = set(watch.before) - watch.trainable
+    assert frozen and watch.trainable
+    assert not (watch.changed & frozen), "a frozen parameter moved"
+    assert watch.changed == watch.trainable
+
+
+def test_loss_falls_and_run_folder_is_complete(tiny_dir, data_file, tmp_path, capsys):
+    out = run(tiny_dir, data_file, tmp_path / "run", "method.name=full", "train.max_steps=30",
+              "train.lr=3e-3", "data.val_size=0.2", "train.eval_steps=10")
+    assert "trainable params: " in capsys.readouterr().out
+    losses = [loss for _, loss in logged(out)]
+    assert sum(losses[-3:]) / 3 < 0.6 * losses[0]
+    evals = logged(out, "eval_loss")
+    assert [s for s, _ in evals] == [10, 20, 30] and evals[-1][1] < evals[0][1]
+    for name in ("config.yaml", "model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja",
+                 "metrics.jsonl", "loss.png", "trainer_state.json", "README.md"):
+        assert (out / name).is_file(), name
+    readme = (out / "README.md").read_text(encoding="utf-8")
+    assert "final eval loss" in readme and "efficiency" in readme
+    assert load_config(out / "config.yaml").model.name == str(tiny_dir)
+
+
+def test_accumulation_is_equivalent_to_a_bigger_batch(tiny_dir, data_file, tmp_path):
+    results = []
+    for batch, accum in [(8, 1), (2, 4)]:
+        grads = GradAtFirstStep()
+        out = run(tiny_dir, data_file, tmp_path / f"b{batch}", "method.name=full", "train.max_steps=1",
+                  f"train.batch_size={batch}", f"train.grad_accum={accum}", "train.max_grad_norm=0",
+                  "data.max_samples=8", callbacks=[grads])
+        results.append((logged(out)[0][1], grads.grads))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6)
+
+
+def test_killed_and_resumed_equals_uninterrupted(tiny_dir, data_file, tmp_path):
+    common = ["train.max_steps=14", "train.save_strategy=steps", "train.save_steps=5", "method.dropout=0.1",
+              "data.group_by_length=true"]
+    whole = run(tiny_dir, data_file, tmp_path / "whole", *common)
+    part = tmp_path / "part"
+    run(tiny_dir, data_file, part, *common, callbacks=[StopAt(7)])
+    assert (part / "checkpoints" / "checkpoint-7").is_dir()
+    run(tiny_dir, data_file, part, *common, "train.resume=auto")
+    assert [s for s, _ in logged(part)] == list(range(1, 15))  # no step skipped or repeated
+    from safetensors.torch import load_file
+
+    a, b = load_file(whole / "adapter_model.safetensors"), load_file(part / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    assert sorted(p.name for p in (part / "checkpoints").iterdir()) == ["checkpoint-10", "checkpoint-14"]
+
+
+def test_existing_run_is_not_overwritten(tiny_dir, data_file, tmp_path):
+    out = run(tiny_dir, data_file, tmp_path / "run", "train.max_steps=1")
+    with pytest.raises(TunelabError, match="already holds a run"):
+        run(tiny_dir, data_file, out, "train.max_steps=1")
+    run(tiny_dir, data_file, out, "train.max_steps=1", "overwrite=true")
+
+
+def test_merged_export_matches_adapter_logits(tiny_dir, data_file, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunelab.models import load_model
+    from tunelab.train.export import merge_export
+
+    out = run(tiny_dir, data_file, tmp_path / "run", "train.max_steps=4", "train.lr=2e-2")
+    adapter_model, tok = load_model(str(out))
+    merged_dir = merge_export(out, tmp_path / "merged")
+    with pytest.raises(TunelabError, match="already exists"):
+        merge_export(out, merged_dir)
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    assert tokenizer.chat_template
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Normalize: 发烧 1"}],
+                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        want = adapter_model(**ids).logits
+        got = merged(**ids).logits
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    with torch.no_grad():
+        assert (base(**ids).logits - want).abs().max() > 1e-3  # the adapter did change the model
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_two_process_ddp_matches_one_process(tiny_dir, data_file, tmp_path):
+    """torchrun, 2 CPU processes (gloo): one run folder, same step as one process on the same 8 rows."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    common = ["method.name=full", "train.max_steps=1", "data.max_samples=8", "train.max_grad_norm=0"]
+    single = run(tiny_dir, data_file, tmp_path / "single", *common, "train.batch_size=8")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: {{name: {tiny_dir}}}\ndata: {{train: [{data_file}], group_by_length: false}}\n"
+                      "train: {bf16: false, batch_size: 2, grad_accum: 2, lr: 5.0e-3}\n", encoding="utf-8")
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "tunelab", "train", str(recipe),
+                           f"output_dir={out}", *common], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("run saved to") == 1  # only rank 0 reports
+    assert [s for s, _ in logged(out)] == [1]  # one metrics log, not one per process
+    assert "2 process(es)" in (out / "README.md").read_text(encoding="utf-8")
+    assert logged(out)[0][1] == pytest.approx(logged(single)[0][1], rel=1e-5)
+    a, b = load_file(single / "model.safetensors"), load_file(out / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
