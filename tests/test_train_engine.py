@@ -56,14 +56,13 @@ class WatchParams(TrainerCallback):
 
 
 class StopAt(TrainerCallback):
-    """What a kill leaves behind: a checkpoint at step ``step`` and nothing after it."""
+    """Stop at step ``step`` without saving: like a kill two steps after the last checkpoint."""
 
     def __init__(self, step):
         self.step = step
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.step:
-            control.should_save = True
             control.should_training_stop = True
 
 
@@ -125,8 +124,9 @@ def test_killed_and_resumed_equals_uninterrupted(tiny_dir, data_file, tmp_path):
     whole = run(tiny_dir, data_file, tmp_path / "whole", *common)
     part = tmp_path / "part"
     run(tiny_dir, data_file, part, *common, callbacks=[StopAt(7)])
-    assert (part / "checkpoints" / "checkpoint-7").is_dir()
-    run(tiny_dir, data_file, part, *common, "train.resume=auto")
+    assert sorted(p.name for p in (part / "checkpoints").iterdir()) == ["checkpoint-5"]
+    assert [s for s, _ in logged(part)] == list(range(1, 8))
+    run(tiny_dir, data_file, part, *common, "train.resume=auto")  # continues from step 5
     assert [s for s, _ in logged(part)] == list(range(1, 15))  # no step skipped or repeated
     from safetensors.torch import load_file
 
@@ -196,3 +196,83 @@ def test_two_process_ddp_matches_one_process(tiny_dir, data_file, tmp_path):
     a, b = load_file(single / "model.safetensors"), load_file(out / "model.safetensors")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+class CtrlCAt(TrainerCallback):
+    """Send this process a real SIGINT during step ``step``."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step - 1:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_ctrl_c_saves_a_checkpoint_then_resume_finishes(tiny_dir, data_file, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_dir, data_file, out, "train.max_steps=6", callbacks=[CtrlCAt(3)])
+    assert (out / "checkpoints" / "checkpoint-3").is_dir()
+    assert not (out / "adapter_model.safetensors").exists()  # no final model from a cut-short run
+    run(tiny_dir, data_file, out, "train.max_steps=6", "train.resume=auto")
+    assert [s for s, _ in logged(out)] == list(range(1, 7))
+
+
+def test_packing_checkpointing_bf16_and_early_stopping(tiny_dir, data_file, tmp_path):
+    out = run(tiny_dir, data_file, tmp_path / "run", "data.packing=true", "data.cutoff_len=128",
+              "train.gradient_checkpointing=true", "train.bf16=true", "data.val_size=8", "train.eval_steps=1",
+              "train.early_stopping_patience=1", "train.lr=3.0", "train.max_steps=40")
+    steps = [s for s, _ in logged(out)]
+    assert steps[-1] < 40  # a diverging run stops once eval loss stops improving
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    efficiency = [r["efficiency"] for r in rows if "efficiency" in r]
+    assert efficiency and 0.8 < efficiency[-1] <= 1.0  # packed rows are mostly real tokens
+    assert "packed rows" in (out / "README.md").read_text(encoding="utf-8")
+
+
+def colour_pixels(png, rgb, tol=0.06):
+    import matplotlib.image as mpimg
+    import numpy as np
+
+    image = mpimg.imread(png)[..., :3]
+    return int((np.abs(image - np.array(rgb)).max(axis=-1) < tol).sum())
+
+
+def test_loss_plot_draws_both_curves(tmp_path):
+    from tunelab.train.runfolder import plot_losses
+
+    records = [{"step": s, "loss": 3 - s * 0.1} for s in range(1, 21)] + [
+        {"step": s, "eval_loss": 3.2 - s * 0.05} for s in (5, 10, 15, 20)]
+    plot_losses(records, tmp_path / "loss.png", "t")
+    assert colour_pixels(tmp_path / "loss.png", (0.122, 0.467, 0.706)) > 300  # tab:blue, train
+    assert colour_pixels(tmp_path / "loss.png", (1.0, 0.498, 0.055)) > 300  # tab:orange, eval
+    plot_losses(records[:20], tmp_path / "train_only.png", "t")
+    assert colour_pixels(tmp_path / "train_only.png", (1.0, 0.498, 0.055)) < 50
+
+
+@pytest.mark.slow
+def test_quickstart_recipe_on_the_builtin_model(tmp_path, monkeypatch, capsys):
+    """`tunelab train recipes/quickstart.yaml output_dir=DIR train.max_steps=N` as written."""
+    from pathlib import Path
+
+    from tunelab.cli import main
+
+    monkeypatch.chdir(Path(__file__).parents[1])
+    out = tmp_path / "qs"
+    assert main(["train", "recipes/quickstart.yaml", f"output_dir={out}", "train.max_steps=4",
+                 "train.eval_steps=2"]) == 0
+    printed = capsys.readouterr().out
+    assert "trainable params: " in printed and f"run saved to {out}" in printed
+    for name in ("config.yaml", "adapter_config.json", "adapter_model.safetensors", "tokenizer.json",
+                 "chat_template.jinja", "metrics.jsonl", "loss.png", "trainer_state.json", "README.md"):
+        assert (out / name).is_file(), name
+    assert [s for s, _ in logged(out)] == [1, 2, 3, 4]
+    assert [s for s, _ in logged(out, "eval_loss")] == [2, 4]
+    assert colour_pixels(out / "loss.png", (0.122, 0.467, 0.706)) > 300
+    assert colour_pixels(out / "loss.png", (1.0, 0.498, 0.055)) > 300
+    readme = (out / "README.md").read_text(encoding="utf-8")
+    assert "builtin:smollm2-135m-instruct" in readme and "final eval loss" in readme

@@ -224,3 +224,32 @@ def test_recipe_validation_errors(tmp_path, change, message):
             **change}
     with pytest.raises(TunelabError, match=message):
         build_recipe(parse_recipe(spec), tmp_path / "out")
+
+
+def test_hook_from_a_file_next_to_the_recipe(tmp_path):
+    (tmp_path / "convert.py").write_text(
+        "def qa(row):\n"
+        "    if row['kind'] == 'skip':\n"
+        "        return None\n"
+        "    n = 1 / int(row['n'])\n"
+        "    return [{'instruction': row['q'], 'output': row['a']}, {'instruction': row['a'], 'output': row['q']}]\n",
+        encoding="utf-8")
+    (tmp_path / "raw.csv").write_text("q,a,kind,n\n问,答,keep,1\nx,y,skip,1\n", encoding="utf-8")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: both\nsource: raw.csv\nhook: convert.py:qa\nshuffle: false\n", encoding="utf-8")
+    report = build_recipe(recipe, tmp_path / "out")
+    assert report.sizes == {"train": 2} and report.read == 2
+    assert [r["instruction"] for r in _jsonl(tmp_path / "out/both_train.jsonl")] == ["问", "答"]
+    (tmp_path / "raw.csv").write_text("q,a,kind,n\n问,答,keep,1\nx,y,keep,0\n", encoding="utf-8")
+    with pytest.raises(TunelabError, match=r"raw\.csv:3: cannot convert row: ZeroDivisionError"):
+        build_recipe(recipe, tmp_path / "out")
+
+
+def test_unshuffled_split_keeps_file_order_and_holds_out_the_end():
+    from tunelab.workshop.split import split_rows
+
+    rows = [{"i": i, "g": i // 2} for i in range(10)]
+    out = split_rows(rows, {"test": 3}, shuffle=False, group_key="g")
+    assert [r["i"] for r in out["train"]] == [0, 1, 2, 3, 4, 5] and [r["i"] for r in out["test"]] == [6, 7, 8, 9]
+    shuffled = split_rows(rows, {"test": 0.3}, seed=3)
+    assert sorted(r["i"] for s in shuffled.values() for r in s) == list(range(10)) and len(shuffled["test"]) == 3

@@ -97,7 +97,7 @@ def test_zh_disease_records_are_chinese_json(tmp_path):
 def test_builder_option_errors(tmp_path):
     with pytest.raises(TunelabError, match="unknown built-in dataset 'nope'"):
         build_builtin("nope", tmp_path)
-    with pytest.raises(TunelabError, match="icd10cm-norm: .*unexpected keyword argument 'codez'"):
+    with pytest.raises(TunelabError, match="icd10cm-norm: unknown option 'codez'"):
         build_builtin("icd10cm-norm", tmp_path, codez=3)
     with pytest.raises(TunelabError, match="answer: must be one of"):
         build_icd10cm_norm(tmp_path, answer="json")
@@ -118,3 +118,19 @@ def test_cli_build_mix_clean(tmp_path, capsys):
     assert "exact duplicate" in out and len(_rows(tmp_path / "clean/clean_train.jsonl")) <= 40
     assert main(["data", "build", "icd10cm-norm"]) == 1
     assert "--out DIR is required" in capsys.readouterr().err
+
+
+def test_output_folder_rebuilds_cleanly_and_refuses_collisions(tmp_path):
+    from tunelab.workshop.output import write_dataset
+
+    row = {"instruction": "q", "input": "", "output": "a"}
+    write_dataset(tmp_path, "a", {"train": [row], "validation": [row]})
+    write_dataset(tmp_path, "a", {"train": [row, row]})  # a rebuild without validation
+    assert not (tmp_path / "validation.jsonl").exists()
+    assert list(json.loads((tmp_path / "dataset_info.json").read_text())) == ["a_train"]
+    write_dataset(tmp_path, "b", {"train": [row]}, file_prefix="b_")  # prefixed files share the folder
+    with pytest.raises(TunelabError, match="train.jsonl already holds dataset 'a_train'"):
+        write_dataset(tmp_path, "c", {"train": [row]})
+    assert set(json.loads((tmp_path / "build_info.json").read_text())) == {"a", "b"}
+    with pytest.raises(TunelabError, match="max_codes: expected int or null, got 'abc'"):
+        build_builtin("icd10cm-norm", tmp_path / "x", max_codes="abc")

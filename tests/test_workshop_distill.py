@@ -44,10 +44,13 @@ class StyleServer:
                     self._send(server.status, {"error": {"message": "try again", "type": "server_error"}})
                     return
                 style = body["messages"][0]["content"] if body["messages"][0]["role"] == "system" else ""
+                if "silence" in question:
+                    style, question = "", ""
                 self._send(200, {
                     "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "tiny-styler",
                     "choices": [{"index": 0, "finish_reason": "stop",
-                                 "message": {"role": "assistant", "content": f"[{style}] {question}"}}],
+                                 "message": {"role": "assistant",
+                                             "content": f"[{style}] {question}" if question else " "}}],
                     "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
 
             def _send(self, status, payload):
@@ -198,3 +201,12 @@ def test_cli_distill(tmp_path, capsys):
     assert "already done (resumed)" in out and server.total == 30
     rows = _rows(tmp_path / "out/grumpy.jsonl")
     assert rows[0]["system"] == "请使用广东话风格来回答" and rows[0]["output"].startswith("[请使用广东话风格来回答] ")
+
+
+def test_empty_answers_are_failures_not_data(tmp_path):
+    with StyleServer() as server:
+        config = make_config({"base_url": server.url, "model": "m", "questions": ["hello", "silence please"],
+                              "output": "o.jsonl"}, tmp_path)
+        report = distill(config)
+    assert report.requested == 1 and report.failed == ["question 2: empty answer from tiny-styler"]
+    assert [r["instruction"] for r in _rows(tmp_path / "o.jsonl")] == ["hello"]

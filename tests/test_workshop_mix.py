@@ -78,3 +78,17 @@ def test_allocation_rounds_to_the_total():
     assert parse_source("data/a.jsonl") == ("data/a.jsonl", 1.0)
     with pytest.raises(TunelabError, match="weights"):
         allocate([0, 0], [1, 1], None, "ratio", False)
+
+
+def test_named_datasets_with_remapped_columns(tmp_path, sources):
+    general, _ = sources
+    (tmp_path / "qa.csv").write_text("q,a\n你好吗,很好\n几点了,三点\n", encoding="utf-8")
+    (tmp_path / "dataset_info.json").write_text(json.dumps(
+        {"qa": {"file_name": "qa.csv", "formatting": "alpaca", "columns": {"prompt": "q", "response": "a"}}}),
+        encoding="utf-8")
+    report = mix([("qa", 1), (str(general), 1)], tmp_path / "out", dataset_dir=tmp_path)
+    assert report.taken == {"qa": 2, str(general): 2}
+    rows = [json.loads(l) for l in (tmp_path / "out/mix_train.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert {"role": "user", "content": "几点了"} in [m for r in rows for m in r["messages"]]
+    with pytest.raises(TunelabError, match="nope: no such file or dataset"):
+        mix([("nope", 1)], tmp_path / "bad", dataset_dir=tmp_path)

@@ -249,12 +249,16 @@ async def _events(job: Job) -> AsyncIterator[tuple[str, Any]]:
 async def _wait(job: Job, request: Request) -> GenerationResult:
     """The finished result; a client that disconnects meanwhile cancels the job."""
     getter = asyncio.ensure_future(job.events.get())
+    checked = time.monotonic()
     try:
         while True:
             done, _ = await asyncio.wait({getter}, timeout=0.25)
-            if not done:
+            # Text events arrive every token, so look at the clock, not only at timeouts.
+            if time.monotonic() - checked >= 0.25:
+                checked = time.monotonic()
                 if await request.is_disconnected():
                     raise APIError(499, "client disconnected")
+            if not done:
                 continue
             kind, value = getter.result()
             if kind == "done":

@@ -6,6 +6,8 @@ write or print, so a multi-process run produces one log and one bar.
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -13,19 +15,30 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from tunelab.io import append_jsonl
+from tunelab.io import append_jsonl, write_jsonl
 
 
 class MetricsLogger(TrainerCallback):
     """Appends every logged record (train and eval) to ``metrics.jsonl``, with throughput."""
 
-    def __init__(self, path: Path, trainer_ref: Any, collator: Any):
+    def __init__(self, path: Path, trainer_ref: Any, collator: Any, resume_step: int | None = None):
         self.path = Path(path)
         self.trainer = trainer_ref
         self.collator = collator
         self.start = None
         self.tokens_at_start = 0
         self.records: list[dict[str, Any]] = []
+        if resume_step is not None:
+            self._keep_until(resume_step)
+
+    def _keep_until(self, step: int) -> None:
+        """On resume: keep the log up to the checkpoint; steps after it will be run again."""
+        if not self.path.is_file():
+            return
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        self.records = [r for r in map(json.loads, filter(None, lines)) if r.get("step", 0) <= step]
+        if int(os.environ.get("RANK", "0")) == 0:
+            write_jsonl(self.path, self.records)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = time.monotonic()

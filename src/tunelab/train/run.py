@@ -13,7 +13,7 @@ from tunelab.config import RunConfig, save_config
 from tunelab.errors import TunelabError
 from tunelab.train.collate import SFTCollator, pack_examples
 from tunelab.train.methods import get_method, trainable_line
-from tunelab.train.runfolder import find_checkpoint, prepare_output_dir, save_run
+from tunelab.train.runfolder import checkpoint_step, find_checkpoint, prepare_output_dir, save_run
 
 
 def _is_main() -> bool:
@@ -129,7 +129,11 @@ def train(cfg: RunConfig, callbacks: list | None = None) -> Path:
     method = get_method(cfg.method.name)
     if method.preflight:
         method.preflight(cfg.method)  # before any slow load: fail fast on this machine
-    out = prepare_output_dir(cfg) if _is_main() else Path(cfg.output_dir).expanduser()
+    if _is_main():
+        out, checkpoint = prepare_output_dir(cfg)
+    else:  # the main process checked and prepared the folder
+        out = Path(cfg.output_dir).expanduser()
+        checkpoint = find_checkpoint(out, cfg.train.resume)
     if _is_main():
         save_config(cfg, out / "config.yaml")
     set_seed(cfg.train.seed)  # adapter initialisation is random: same seed, same start
@@ -148,13 +152,13 @@ def train(cfg: RunConfig, callbacks: list | None = None) -> Path:
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          data_collator=collator, processing_class=tokenizer)
     trainer.remove_callback(PrinterCallback)  # our progress bar shows the logs instead
-    metrics = MetricsLogger(out / "metrics.jsonl", trainer, collator)
+    metrics = MetricsLogger(out / "metrics.jsonl", trainer, collator,
+                            checkpoint_step(checkpoint) if checkpoint else None)
     interrupt = SaveOnInterrupt()
     for cb in [metrics, ProgressBar(metrics), interrupt, *(callbacks or [])]:
         trainer.add_callback(cb)
     if cfg.train.early_stopping_patience and eval_ds is not None:
         trainer.add_callback(EarlyStoppingCallback(cfg.train.early_stopping_patience))
-    checkpoint = find_checkpoint(out, cfg.train.resume)
     if checkpoint and _is_main():
         print(f"resuming from {checkpoint}", flush=True)
     trainer.train(resume_from_checkpoint=checkpoint)

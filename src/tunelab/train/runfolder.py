@@ -25,23 +25,34 @@ def holds_run(path: Path) -> bool:
     return path.is_dir() and any((path / marker).exists() for marker in RUN_MARKERS)
 
 
-def prepare_output_dir(cfg: RunConfig) -> Path:
-    """Create ``cfg.output_dir``; refuse an existing run unless overwrite or resume is set."""
+def prepare_output_dir(cfg: RunConfig) -> tuple[Path, str | None]:
+    """Create ``cfg.output_dir`` and find the checkpoint to resume from, if any.
+
+    A folder that already holds a run is refused unless ``overwrite`` is true or
+    ``train.resume`` finds a checkpoint in it to continue from.
+    """
     out = Path(cfg.output_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise TunelabError(f"output_dir: {out} exists and is not a folder")
-    if holds_run(out):
-        if cfg.train.resume:
-            pass  # continuing this run: keep its checkpoints and metrics
-        elif cfg.overwrite:
-            shutil.rmtree(out)
-        else:
+    checkpoint = find_checkpoint(out, cfg.train.resume)
+    if holds_run(out) and checkpoint is None:
+        if not cfg.overwrite:
+            hint = " and has no checkpoint to resume from" if cfg.train.resume else ""
             raise TunelabError(
-                f"output_dir: {out} already holds a run; pass overwrite=true to replace it "
-                "or train.resume=auto to continue it")
+                f"output_dir: {out} already holds a run{hint}; pass overwrite=true to replace it"
+                + ("" if cfg.train.resume else " or train.resume=auto to continue it"))
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out / "checkpoints" / ".staging", ignore_errors=True)  # a save cut short
-    return out
+    return out, checkpoint
+
+
+def checkpoint_step(checkpoint: str) -> int:
+    """The optimizer step a ``checkpoint-N`` folder was saved at."""
+    import json
+
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+    return int(state["global_step"])
 
 
 def find_checkpoint(out: Path, resume: str | None) -> str | None:

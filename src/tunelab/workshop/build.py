@@ -58,7 +58,7 @@ def build_recipe(recipe: Recipe | str | Path, out_dir: str | Path | None = None)
     elif recipe.shuffle:
         random.Random(recipe.seed).shuffle(free)
     group = _grouper(recipe) if recipe.group_by else None
-    splits = split_rows(free, recipe.split, seed=recipe.seed, group_key=group) if free else {}
+    splits = split_rows(free, recipe.split, seed=recipe.seed, group_key=group, shuffle=recipe.shuffle) if free else {}
     for name, rows in fixed.items():
         splits.setdefault(name, []).extend(rows)
     for rows in splits.values():
@@ -173,8 +173,8 @@ def _records(make: Hook, location: str, row: dict, keep: list[str]) -> list[dict
         raise TunelabError(f"{location}: column {exc.args[0]!r}: missing (columns: {columns})") from None
     except TunelabError as exc:
         raise TunelabError(f"{location}: {exc}") from None
-    except (ValueError, TypeError, IndexError, AttributeError) as exc:
-        raise TunelabError(f"{location}: cannot convert row: {type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # a bug or a surprise in a user's hook: say where; -v shows the traceback
+        raise TunelabError(f"{location}: cannot convert row: {type(exc).__name__}: {exc}") from exc
     if result is None:
         return []
     records = result if isinstance(result, list) else [result]
@@ -241,7 +241,8 @@ def _rejected(record: dict, drop_empty: bool | list[str], checks: list) -> str |
 
 def _sample(records: list[dict], n: int, recipe: Recipe, report: BuildReport) -> list[dict]:
     records = list(records)
-    random.Random(recipe.seed).shuffle(records)
+    if recipe.shuffle:  # else: the first N in file order
+        random.Random(recipe.seed).shuffle(records)
     report.drop(f"beyond sample of {n}", max(0, len(records) - n))
     return records[:n]
 

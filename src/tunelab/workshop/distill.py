@@ -303,6 +303,9 @@ def _run(config, pending, cache, output, report, lock, progress) -> None:
             except Exception as exc:  # one failed question must not lose the others
                 report.failed.append(f"question {index + 1}: {type(exc).__name__}: {str(exc)[:200]}")
                 continue
+            if not result["answer"]:  # an empty answer would teach the model to say nothing
+                report.failed.append(f"question {index + 1}: empty answer from {result['model']}")
+                continue
             cache.put(key, result)
             with lock:
                 append_jsonl(output, _record(config, question, key, index, result))

@@ -39,6 +39,14 @@ def write_dataset(
     if not sizes:
         raise TunelabError(f"{name}: nothing to write (every split is empty)")
     registry = _read_registry(out / "dataset_info.json")
+    _forget_old_splits(out, registry, name, file_prefix, set(sizes))
+    owners = {entry.get("file_name"): key for key, entry in registry.items()
+              if isinstance(entry, dict) and not key.startswith(f"{name}_")}
+    for split in sizes:
+        other = owners.get(f"{file_prefix}{split}.jsonl")
+        if other:
+            raise TunelabError(f"{out}: {file_prefix}{split}.jsonl already holds dataset '{other}'; "
+                               "build into another folder")
     for split, rows in splits.items():
         if not rows:
             continue
@@ -55,6 +63,18 @@ def write_dataset(
     write_json(out / "build_info.json", builds)
     atomic_write_text(out / "README.md", "\n".join(_readme(n, meta) for n, meta in builds.items()))
     return sizes
+
+
+def _forget_old_splits(out: Path, registry: dict, name: str, prefix: str, current: set[str]) -> None:
+    """Drop splits an earlier build of ``name`` wrote but this one does not (e.g. after
+    ``validation_fraction=0``), so a stale file is never mistaken for fresh data."""
+    for key in [k for k in registry if k.startswith(f"{name}_")]:
+        split = key[len(name) + 1:]
+        entry = registry[key]
+        if split in current or not isinstance(entry, dict) or entry.get("file_name") != f"{prefix}{split}.jsonl":
+            continue
+        (out / entry["file_name"]).unlink(missing_ok=True)
+        del registry[key]
 
 
 def _read_registry(path: Path) -> dict[str, Any]:

@@ -15,7 +15,8 @@ filters: {drop_empty: true, min_length: {output: 2}, max_length: {instruction: 4
           regex: {output: "^\\\\S"}, exclude_regex: {instruction: "http"}}
 sample: 5100                     # keep N records after filtering (seeded shuffle first)
 seed: 42
-shuffle: true
+shuffle: true                    # false: keep file order; sample takes the first N,
+                                 # held-out splits come from the end
 split: {test: 100}               # counts or ratios; rows with a fixed source split keep it
 group_by: "{topic}"              # records sharing this value never straddle the split
 out: ../sft_dataset              # relative to the recipe; `--out` overrides

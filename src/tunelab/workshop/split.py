@@ -30,11 +30,14 @@ def split_rows(
     held_out: dict[str, Amount],
     seed: int = 42,
     group_key: str | Callable[[dict], Any] | None = None,
+    shuffle: bool = True,
 ) -> dict[str, list[dict]]:
     """Split ``rows`` into ``train`` plus the ``held_out`` splits (name -> count or ratio).
 
     Whole groups move together, so a held-out split may overshoot its target by less
-    than one group. Order inside each split follows the shuffled group order.
+    than one group. With ``shuffle`` the groups are shuffled with ``seed``; without
+    it, file order is kept and the held-out splits come from the end (as the seed's
+    "first 5,000 train, next 100 test").
     """
     total = len(rows)
     targets = {name: target_size(amount, total, name) for name, amount in held_out.items()}
@@ -45,9 +48,14 @@ def split_rows(
         key = index if group_key is None else (group_key(row) if callable(group_key) else row.get(group_key))
         groups.setdefault(key, []).append(row)
     order = list(groups.values())
-    random.Random(seed).shuffle(order)
+    if shuffle:
+        random.Random(seed).shuffle(order)
+    else:
+        order.reverse()
     out: dict[str, list[dict]] = {"train": [], **{name: [] for name in targets}}
     for group in order:
         dest = next((name for name, n in targets.items() if len(out[name]) < n), "train")
-        out[dest].extend(group)
+        out[dest].extend(group if shuffle else reversed(group))
+    if not shuffle:
+        out = {name: rows[::-1] for name, rows in out.items()}
     return out

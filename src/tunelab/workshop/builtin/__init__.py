@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import inspect
+import typing
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,12 +27,24 @@ def build_builtin(name: str, out_dir: str | Path, **options: Any) -> dict[str, i
     if name not in BUILDERS:
         raise TunelabError(f"unknown built-in dataset {name!r} (known: {', '.join(BUILDERS)})")
     function = BUILDERS[name][0]
-    try:
-        return function(out_dir, **options)
-    except TypeError as exc:
-        if "unexpected keyword" in str(exc):
-            raise TunelabError(f"{name}: {exc}") from None
-        raise
+    _check_options(name, function, options)
+    return function(out_dir, **options)
+
+
+def _check_options(name: str, function: Callable, options: dict[str, Any]) -> None:
+    """Unknown options and wrong types are one-line errors (values come from the CLI)."""
+    hints = typing.get_type_hints(function)
+    known = [p for p in inspect.signature(function).parameters if p != "out_dir"]
+    for key, value in options.items():
+        if key not in known:
+            raise TunelabError(f"{name}: unknown option {key!r} (known: {', '.join(known)})")
+        allowed = typing.get_args(hints[key]) or (hints[key],)
+        allowed = tuple(type(None) if a is None else a for a in allowed)
+        if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+            continue
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            names = " or ".join("null" if a is type(None) else a.__name__ for a in allowed)
+            raise TunelabError(f"{name}: {key}: expected {names}, got {value!r}")
 
 
 __all__ = ["BUILDERS", "build_builtin", "build_icd10cm_norm", "build_icd10cm_chapter", "build_zh_disease"]

@@ -92,6 +92,19 @@ def _count(amount: int | float, total: int) -> int:
     return int(amount)
 
 
+def _choose_codes(codes: list[str], max_codes: int | None, unseen_codes: int | float,
+                  rng: random.Random) -> tuple[list[str], list[str]]:
+    """Shuffle, then take the unseen codes first and up to ``max_codes`` seen ones."""
+    rng.shuffle(codes)
+    if max_codes is None:
+        n_unseen = _count(unseen_codes, len(codes))
+        n_seen = len(codes) - n_unseen
+    else:
+        n_seen = min(max_codes, len(codes))
+        n_unseen = min(_count(unseen_codes, n_seen), len(codes) - n_seen)
+    return codes[n_unseen:n_unseen + n_seen], codes[:n_unseen]
+
+
 def _answer(cm: Any, code: str, answer: str) -> str:
     description = cm.get_description(code)
     return {"description": description, "code": code, "both": f"{code} {description}"}[answer]
@@ -140,15 +153,7 @@ def build_icd10cm_norm(
     if not table:
         raise TunelabError(f"icd10cm-norm: no code has {min_synonyms} or more inclusion terms")
     rng = random.Random(seed)
-    codes = sorted(table)
-    rng.shuffle(codes)
-    if max_codes is None:
-        n_unseen = _count(unseen_codes, len(codes))
-        n_seen = len(codes) - n_unseen
-    else:
-        n_seen = min(max_codes, len(codes))
-        n_unseen = min(_count(unseen_codes, n_seen), len(codes) - n_seen)
-    unseen, seen = codes[:n_unseen], codes[n_unseen:n_unseen + n_seen]
+    seen, unseen = _choose_codes(sorted(table), max_codes, unseen_codes, rng)
     n_val = int(round(validation_fraction * len(seen)))
     splits: dict[str, list[dict]] = {"train": [], "validation": [], "test": [], "test_unseen": []}
     for index, code in enumerate(seen):

@@ -1,0 +1,21 @@
+"""``tunelab demo``: the end-to-end job on the embedded model, offline."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("demo", help="end-to-end: build data, evaluate, LoRA-tune, evaluate again")
+    parser.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
+    parser.add_argument("--quick", action="store_true", help="a ~3 minute version (smaller data, fewer steps)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing demo run in --out")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from tunelab.demo.pipeline import run_demo
+
+    run_demo(args.out, quick=args.quick, overwrite=args.overwrite, seed=args.seed)
+    return 0
