@@ -38,6 +38,17 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / divisor
 
 
+def current_rss_mb() -> float:
+    """This process's resident set size now, in MiB (0 where /proc is missing)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def machine_info() -> dict[str, Any]:
     """What the figures were measured on: CPU, cores, bf16 support, library versions, threads."""
     import torch
@@ -145,11 +156,16 @@ def model_path(spec: str) -> str:
 # ------------------------------------------------------------------ child processes
 
 
-def run_child(script: str, args: list[str], timeout: float = 3600) -> dict[str, Any]:
-    """Run ``python benchmarks/SCRIPT ARGS`` in a fresh process; return its last-line JSON."""
+def run_child(script: str, args: list[str], timeout: float = 3600, threads: int | None = None) -> dict[str, Any]:
+    """Run ``python benchmarks/SCRIPT ARGS`` in a fresh process; return its last-line JSON.
+
+    ``threads`` pins the child's intra-op threads (default: torch's own choice, all cores).
+    """
     cmd = [sys.executable, str(HERE / script), *args]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])),
                TOKENIZERS_PARALLELISM="false")
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     if proc.returncode != 0 or not lines or not lines[-1].startswith("{"):
@@ -204,10 +220,12 @@ def step_timer_callback():
             self.batches: list[tuple[int, int, int, int]] = []
             self.step_ends: list[float] = []
             self.train_begin = None
+            self.rss_at_start = 0.0
             self.model = None
 
         def on_train_begin(self, args, state, control, train_dataloader=None, model=None, **kwargs):
             self.train_begin = time.perf_counter()
+            self.rss_at_start = current_rss_mb()  # model loaded, data prepared, nothing trained yet
             self.model = model  # kept for the parameter counts of the FLOP formulas
             loader = train_dataloader
             inner = getattr(loader, "base_dataloader", loader)
@@ -241,6 +259,7 @@ def step_timer_callback():
                 "tokens_per_s": real / seconds, "supervised_tokens_per_s": supervised / seconds,
                 "s_per_step": seconds / (steps - warmup), "padding_fraction": 1 - real / max(slots, 1),
                 "warmup_seconds": self.step_ends[warmup - 1] - self.train_begin,
+                "rss_at_train_start_mb": self.rss_at_start,
             }
 
     return StepTimer()

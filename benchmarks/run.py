@@ -13,7 +13,6 @@ and MFU of tunelab's LoRA runs, then batched vs one-at-a-time generation.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -46,7 +45,9 @@ def smoke_training(spec: str, data_file: Path, cfg: dict, workdir: Path) -> dict
                            "--steps", str(cfg["steps"]), "--out", str(workdir / "runs" / f"{who}_{m}")]
             for m in cfg["methods"] for who in train_throughput.CONTENDERS}
     with ThreadPoolExecutor(len(jobs)) as pool:
-        futures = {k: pool.submit(train_throughput.run_child, "train_throughput.py", a) for k, a in jobs.items()}
+        # one thread each: several children share the cores, and spinning OpenMP threads would stall
+        futures = {k: pool.submit(train_throughput.run_child, "train_throughput.py", a, threads=1)
+                   for k, a in jobs.items()}
         runs = {k: [f.result()] for k, f in futures.items()}
     return {"runs": runs, "summary": {m: train_throughput.summarise(runs, m) for m in cfg["methods"]}}
 

@@ -103,6 +103,14 @@ def test_message_too_long_is_refused_not_crashed(tiny_llama, tiny_tokenizer):
     assert "(message too long for the model's context; not sent)" in out.getvalue()
 
 
+def test_beam_search_is_refused_up_front(tiny_llama, tiny_tokenizer):
+    from tunelab.errors import TunelabError
+    from tunelab.generation import from_preset
+
+    with pytest.raises(TunelabError, match="beam search"):
+        chat_loop(tiny_llama, tiny_tokenizer, from_preset("beam"), input=io.StringIO("hi\n"), output=io.StringIO())
+
+
 class _CtrlCOnFirstAnswer(io.StringIO):
     """Output whose first write raises KeyboardInterrupt, as Ctrl-C during an answer does."""
 
@@ -150,3 +158,16 @@ def test_cli_chat_bad_model_is_one_line_error(tmp_path):
                           input="", capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("error: model ") and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_builtin_model_chats():
+    from tunelab.config import DEFAULT_MODEL
+    from tunelab.models import load_model
+
+    model, tokenizer = load_model(DEFAULT_MODEL)
+    out = io.StringIO()
+    session = chat_loop(model, tokenizer, GenerationSettings(max_new_tokens=24),
+                        input=io.StringIO("What is the capital of France?\nexit\n"), output=out)
+    assert "Paris" in out.getvalue()
+    assert session.history[0] == {"role": "user", "content": "What is the capital of France?"}

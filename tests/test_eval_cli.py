@@ -152,3 +152,18 @@ def test_eval_run_errors_are_one_line(two_models, tmp_path, capsys):
     assert "bad.jsonl:1" in err and "assistant" in err and err.count("\n") == 1
     assert main(["eval", "run", "--models", str(tmp_path / "nope"), "--datasets", data, "--quiet"]) == 1
     assert "nope" in capsys.readouterr().err
+
+
+def test_score_perplexity_from_the_cli_uses_the_prompts(two_models, tmp_path, capsys, tiny_llama, tiny_tokenizer):
+    from tunelab.eval.metrics_model import perplexity
+
+    base, _, _ = two_models
+    rows = [{"prompt": [{"role": "user", "content": "感冒怎么办"}], "reference": "多喝水", "prediction": "x"},
+            {"prompt": [{"role": "user", "content": "Say hello"}], "reference": "Hello!", "prediction": "y"}]
+    pred = _write_jsonl(tmp_path / "p.jsonl", rows)
+    assert main(["eval", "score", "--pred", pred, "--metrics", "perplexity", "--model", base]) == 0
+    result = json.loads(capsys.readouterr().out)
+    direct = perplexity(tiny_llama, tiny_tokenizer, ["多喝水", "Hello!"], [r["prompt"] for r in rows])
+    assert result["perplexity"] == pytest.approx(direct["perplexity"], rel=1e-5)
+    assert main(["eval", "score", "--pred", pred, "--metrics", "perplexity"]) == 0
+    assert json.loads(capsys.readouterr().out)["perplexity"] == "unavailable: needs a model (--model)"

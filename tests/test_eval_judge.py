@@ -205,3 +205,27 @@ def test_judge_cli_pointwise_and_pairwise(server, tmp_path, capsys):
     assert main(["eval", "judge", "--pred", str(b), "--base-url", server.base_url, "--model", "judge",
                  "--dimensions", "beauty", "--out", str(out)]) == 1
     assert "unknown dimension 'beauty'" in capsys.readouterr().err
+
+
+def test_evaluate_with_a_judge_adds_pointwise_means_and_a_pairwise_verdict(server, tmp_path, tiny_llama,
+                                                                           tiny_tokenizer):
+    from tunelab.config import load_config
+    from tunelab.eval.run import evaluate
+
+    folder = tmp_path / "tiny"
+    tiny_llama.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    data = tmp_path / "qa.jsonl"
+    data.write_text('{"instruction": "Say hello", "output": "Hello!"}\n'
+                    '{"instruction": "感冒怎么办", "output": "多喝水"}\n', encoding="utf-8")
+    cfg = load_config(None, [f"eval.models=[{folder},{folder}]", f"eval.datasets=[{data}]",
+                             "eval.metrics=[em]", "eval.max_new_tokens=4", f"eval.output_dir={tmp_path / 'ev'}"])
+    client = JudgeClient(server.base_url, "judge", cache_path=str(tmp_path / "ev" / "judge_cache.jsonl"))
+    report = evaluate(cfg, progress=False, judge=client)
+    for name in ("tiny", "tiny-2"):
+        assert 1 <= report["results"]["qa"][name]["judge_fluency"] <= 10
+        assert (tmp_path / "ev" / name / "qa" / "judge_pointwise.json").is_file()
+    pair = report["judge"]["pairwise"]["qa"]
+    assert (pair["a"], pair["b"], pair["ties"], pair["inconsistent"]) == ("tiny", "tiny-2", 2, 0)  # same answers
+    md = (tmp_path / "ev" / "report.md").read_text(encoding="utf-8")
+    assert "pairwise in both orders: tiny wins 0, tiny-2 wins 0, ties 2" in md and "| judge_overall |" in md

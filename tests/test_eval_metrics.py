@@ -86,6 +86,11 @@ def test_label_scores_macro_precision_recall_f1_by_hand():
     assert result["recall"] == pytest.approx((0.5 + 1 + 0) / 3)
     assert result["f1"] == pytest.approx((2 / 3 + 0.8 + 0) / 3)
     assert result["label_classes"] == 3
+    # Chinese labels with full-width/ASCII punctuation differences, normalised away
+    zh = label_scores(["阳性。", "阴性", "阴性"], ["阳性", "阳性", "阴性"], "strip,punct")
+    # 阳性: P 1/1 R 1/2 F 2/3; 阴性: P 1/2 R 1/1 F 2/3
+    assert (zh["accuracy"], zh["precision"], zh["recall"]) == pytest.approx((2 / 3, 0.75, 0.75))
+    assert zh["f1"] == pytest.approx(2 / 3)
 
 
 # ---------------------------------------------------------------- BLEU
@@ -234,3 +239,32 @@ def test_score_merges_metrics_into_one_flat_dict():
     with pytest.raises(TunelabError, match="no rows"):
         score([], [], "em")
     assert score(["a"], ["a"], "perplexity")["perplexity"].startswith("unavailable")
+
+
+def test_empty_predictions_and_references_score_zero_without_errors():
+    result = score(["", "a b", "。"], ["a b", "", "x"], "em,bleu,rouge,cider,f1")
+    assert all(result[k] == 0.0 for k in ("em", "bleu", "rouge1", "rougeL", "cider", "f1"))
+    result = score(["", "你好"], ["你好", ""], "bleu,rouge,cider")
+    assert result["lang"] == "zh" and result["rouge1"] == 0.0 and result["cider"] == 0.0
+
+
+def test_setup_assets_never_fails_without_apt(monkeypatch, tmp_path, capsys):
+    import importlib.util
+    import shutil
+
+    from tunelab.eval import wordnet
+
+    spec = importlib.util.spec_from_file_location("setup_assets", Path(SRC).parent / "scripts" / "setup_assets.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(wordnet, "SYSTEM_WORDNET", tmp_path / "no-wordnet")
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(module, "STEPS", [module.setup_wordnet])
+    assert module.main() == 0
+    out = capsys.readouterr().out
+    assert out.startswith("note: WordNet not installed (apt-get not available)") and out.count("\n") == 1
+    # a step that crashes is reported and skipped, the others still run
+    ran = []
+    monkeypatch.setattr(module, "STEPS", [lambda: 1 / 0, lambda: ran.append(True)])
+    assert module.main() == 0 and ran == [True]
+    assert "note: <lambda> skipped: division by zero" in capsys.readouterr().err

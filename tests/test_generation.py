@@ -174,3 +174,12 @@ def test_context_overflow_is_a_user_error(model, tiny_tokenizer):
     long_prompt = "Hello " * 600
     with pytest.raises(TunelabError, match="context of 512 tokens"):
         generate(model, tiny_tokenizer, [long_prompt], GenerationSettings(max_new_tokens=4), progress=False)
+
+
+def test_hand_written_templates_bring_their_stop_strings(make_tiny_tokenizer):
+    from tunelab.generation import template_stops
+    from tunelab.models.templates import apply_template
+
+    tokenizer = apply_template(make_tiny_tokenizer(chat_template=None), "human-assistant")
+    assert template_stops(tokenizer) == ("\nHuman:",)
+    assert template_stops(make_tiny_tokenizer(chat_template="{{ messages[0]['content'] }}")) == ()

@@ -234,3 +234,21 @@ def test_sixteen_concurrent_streams_all_complete(live, tiny_llama, tiny_tokenize
             assert text == expected.text, f"request {i}"
     assert live.engine.largest_batch > 1, "concurrent requests were batched together"
     assert live.engine.batches_run - before < 16
+
+
+@pytest.mark.slow
+def test_builtin_model_answers_over_the_api():
+    from tunelab.config import DEFAULT_MODEL
+    from tunelab.serve.app import create_app
+    from tunelab.serve.models import load_for_serving
+
+    server = LiveServer(create_app(load_for_serving(DEFAULT_MODEL), GenerationSettings(max_new_tokens=24)))
+    try:
+        client = server.client(api_key="unused")
+        question = [{"role": "user", "content": "What is the capital of France?"}]
+        reply = client.chat.completions.create(model=DEFAULT_MODEL, messages=question)
+        assert "Paris" in reply.choices[0].message.content
+        streamed = client.chat.completions.create(model=DEFAULT_MODEL, messages=question, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in streamed) == reply.choices[0].message.content
+    finally:
+        server.close()

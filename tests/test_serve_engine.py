@@ -160,3 +160,11 @@ def _healthy(port: int) -> bool:
         return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_beam_search_is_refused_before_loading_anything():
+    from tunelab.generation import from_preset
+    from tunelab.serve.cli import run_server
+
+    with pytest.raises(TunelabError, match="beam search"):
+        run_server("does-not-matter", settings=from_preset("beam"))

@@ -16,6 +16,17 @@ from tunelab.train import train
 WORDS = ["fever", "cough", "rest", "water", "patient", "发烧", "感冒", "headache"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread(request):
+    """Tiny models: one thread. With several busy processes on 2 cores, OpenMP threads
+    waiting on each other at every small op made these tests >10x slower."""
+    before = torch.get_num_threads()
+    if not request.node.get_closest_marker("slow"):
+        torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, tiny_llama, tiny_tokenizer):
     folder = tmp_path_factory.mktemp("tiny_model")
@@ -99,6 +110,7 @@ def test_loss_falls_and_run_folder_is_complete(tiny_dir, data_file, tmp_path, ca
     for name in ("config.yaml", "model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja",
                  "metrics.jsonl", "loss.png", "trainer_state.json", "README.md"):
         assert (out / name).is_file(), name
+    assert not (out / "training_args.bin").exists()
     readme = (out / "README.md").read_text(encoding="utf-8")
     assert "final eval loss" in readme and "efficiency" in readme
     assert load_config(out / "config.yaml").model.name == str(tiny_dir)
@@ -126,6 +138,8 @@ def test_killed_and_resumed_equals_uninterrupted(tiny_dir, data_file, tmp_path):
     run(tiny_dir, data_file, part, *common, callbacks=[StopAt(7)])
     assert sorted(p.name for p in (part / "checkpoints").iterdir()) == ["checkpoint-5"]
     assert [s for s, _ in logged(part)] == list(range(1, 8))
+    with open(part / "metrics.jsonl", "a", encoding="utf-8") as handle:
+        handle.write('{"step": 8, "lo')  # the kill cut a line short
     run(tiny_dir, data_file, part, *common, "train.resume=auto")  # continues from step 5
     assert [s for s, _ in logged(part)] == list(range(1, 15))  # no step skipped or repeated
     from safetensors.torch import load_file
@@ -222,10 +236,21 @@ def test_ctrl_c_saves_a_checkpoint_then_resume_finishes(tiny_dir, data_file, tmp
     assert [s for s, _ in logged(out)] == list(range(1, 7))
 
 
+class MatmulDtype(TrainerCallback):
+    """Record the dtype the first attention projection computes in during training."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.dtypes = set()
+        layer = next(m for n, m in model.named_modules() if n.endswith("q_proj.base_layer"))
+        layer.register_forward_hook(lambda mod, inp, out: self.dtypes.add(out.dtype) if mod.training else None)
+
+
 def test_packing_checkpointing_bf16_and_early_stopping(tiny_dir, data_file, tmp_path):
+    dtype = MatmulDtype()
     out = run(tiny_dir, data_file, tmp_path / "run", "data.packing=true", "data.cutoff_len=128",
               "train.gradient_checkpointing=true", "train.bf16=true", "data.val_size=8", "train.eval_steps=1",
-              "train.early_stopping_patience=1", "train.lr=3.0", "train.max_steps=40")
+              "train.early_stopping_patience=1", "train.lr=3.0", "train.max_steps=40", callbacks=[dtype])
+    assert dtype.dtypes == {torch.bfloat16}  # bf16 autocast on CPU, over fp32 master weights
     steps = [s for s, _ in logged(out)]
     assert steps[-1] < 40  # a diverging run stops once eval loss stops improving
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -276,3 +301,75 @@ def test_quickstart_recipe_on_the_builtin_model(tmp_path, monkeypatch, capsys):
     assert colour_pixels(out / "loss.png", (1.0, 0.498, 0.055)) > 300
     readme = (out / "README.md").read_text(encoding="utf-8")
     assert "builtin:smollm2-135m-instruct" in readme and "final eval loss" in readme
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.train=[]"], "data.train: no training data"),
+    (["data.train=[nowhere/missing.jsonl]"], "missing.jsonl: no such file"),
+    (["data.val_size=40"], "data.val_size: 40 leaves no training"),
+    (["train.resume=nowhere/checkpoint-3"], "train.resume: .* is not a checkpoint folder"),
+    (["method.name=freeze", "method.freeze_trainable_layers=9"], "freeze_trainable_layers: 9"),
+])
+def test_bad_input_is_one_line_error(tiny_dir, data_file, tmp_path, overrides, message):
+    with pytest.raises(TunelabError, match=message) as info:
+        run(tiny_dir, data_file, tmp_path / "run", "train.max_steps=1", *overrides)
+    assert "\n" not in str(info.value)
+    from tunelab.train.runfolder import holds_run
+
+    assert not holds_run(tmp_path / "run")  # fixing the input and running again just works
+
+
+def test_output_dir_that_is_a_file_or_a_finished_run(tiny_dir, data_file, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(TunelabError, match="is not a folder"):
+        run(tiny_dir, data_file, tmp_path / "file", "train.max_steps=1")
+    out = run(tiny_dir, data_file, tmp_path / "run", "train.max_steps=1")
+    with pytest.raises(TunelabError, match="has no checkpoint to resume from"):
+        run(tiny_dir, data_file, out, "train.max_steps=1", "train.resume=auto")
+
+
+def test_export_cli_refuses_to_overwrite(tiny_dir, data_file, tmp_path, capsys):
+    from tunelab.cli import main
+
+    out = run(tiny_dir, data_file, tmp_path / "run", "train.max_steps=1")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    capsys.readouterr()
+    assert main(["export", str(out), "--merge", str(tmp_path / "taken")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "--overwrite" in err and "\n" not in err
+    assert main(["export", str(out), "--merge", str(tmp_path / "taken"), "--overwrite"]) == 0
+    assert (tmp_path / "taken" / "model.safetensors").is_file() and not (tmp_path / "taken" / "keep.txt").exists()
+
+
+def test_prefix_runs_cannot_be_merged(tiny_dir, data_file, tmp_path):
+    from tunelab.train.export import merge_export
+
+    out = run(tiny_dir, data_file, tmp_path / "run", "method.name=prefix", "train.max_steps=1")
+    with pytest.raises(TunelabError, match="cannot be merged"):
+        merge_export(out, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_eval_file_gives_eval_loss_at_the_end(tiny_dir, data_file, tmp_path):
+    out = run(tiny_dir, data_file, tmp_path / "run", f"data.eval=[{data_file}]", "data.max_samples=8",
+              "train.max_steps=2")
+    assert [s for s, _ in logged(out, "eval_loss")] == [2]
+
+
+def test_training_can_start_from_a_run_folder(tiny_dir, data_file, tmp_path):
+    from tunelab.models import load_model
+
+    first = run(tiny_dir, data_file, tmp_path / "first", "train.max_steps=2", "train.lr=2e-2")
+    watch = WatchParams()
+    second = run(tiny_dir, data_file, tmp_path / "second", f"model.name={first}", "train.max_steps=2",
+                 callbacks=[watch])
+    assert watch.changed and all("lora_" in n for n in watch.changed)  # the same adapter keeps training
+    continued, _ = load_model(str(second))
+    before, _ = load_model(str(first))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert (continued(input_ids=ids).logits - before(input_ids=ids).logits).abs().max() > 0
+    full = run(tiny_dir, data_file, tmp_path / "full", f"model.name={first}", "method.name=full",
+               "train.max_steps=1")
+    assert (full / "model.safetensors").is_file()  # the adapter was merged, then everything trained

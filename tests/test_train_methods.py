@@ -17,6 +17,16 @@ from tunelab.train.trainer import sft_loss
 SEED_LINE = re.compile(r"^trainable params: [\d,]+ \|\| all params: [\d,]+ \|\| trainable%: \d+\.\d{4}$", re.M)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread. With several busy processes on 2 cores, OpenMP threads
+    waiting on each other at every small op made these tests >10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def trainable_names(model):
     return {n for n, p in model.named_parameters() if p.requires_grad}
 

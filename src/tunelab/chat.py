@@ -12,6 +12,7 @@ import sys
 from typing import TextIO
 
 from tunelab.config import DEFAULT_MODEL
+from tunelab.errors import TunelabError
 from tunelab.generation import (
     FALLBACK_REPLY,
     GenerationSettings,
@@ -68,6 +69,8 @@ def chat_loop(
 ) -> ChatSession:
     """Run the conversation until ``exit``/``quit`` or end of input; returns the session."""
     session = ChatSession(model, tokenizer, settings or GenerationSettings(), system)
+    if session.settings.num_beams > 1:
+        raise TunelabError("chat streams its answers, which beam search cannot do: use num_beams=1")
     interactive = _isatty(input)
     if interactive:
         _say(output, f"chatting with the model; {HELP}")

@@ -315,6 +315,21 @@ class _Rows:
         return self.results[row]
 
 
+def template_stops(tokenizer) -> tuple[str, ...]:
+    """Stop strings implied by a hand-written template (e.g. ``\\nHuman:`` for human-assistant).
+
+    A base model prompted through such a template tends to write the next turn itself;
+    the tokenizer's own templates end answers with eos and need none.
+    """
+    from tunelab.models.templates import STOP_STRINGS, TEMPLATES
+
+    template = getattr(tokenizer, "chat_template", None)
+    for name, source in TEMPLATES.items():
+        if template == source:
+            return tuple(STOP_STRINGS.get(name, ()))
+    return ()
+
+
 def eos_token_ids(model, tokenizer) -> set[int]:
     """Every id that ends an answer: the model's generation config plus the tokenizer's eos."""
     ids: set[int] = set()
@@ -379,7 +394,8 @@ def generate_ids(
     attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompt_ids])
     device = getattr(model, "device", torch.device("cpu"))
     eos = eos_token_ids(model, tokenizer)
-    rows = _Rows(tokenizer, [len(ids) for ids in prompt_ids], limits, settings.stop, eos, on_text, on_done, cancel)
+    stops = tuple(settings.stop) + template_stops(tokenizer)
+    rows = _Rows(tokenizer, [len(ids) for ids in prompt_ids], limits, stops, eos, on_text, on_done, cancel)
     kwargs = _generation_kwargs(settings, max(limits), pad_id, eos)
     if settings.num_beams == 1:
         from transformers import StoppingCriteriaList
@@ -521,10 +537,21 @@ def add_generation_options(parser) -> None:
     group.add_argument("--num-beams", type=int)
     group.add_argument("--stop", action="append", help="stop string (repeatable)")
     group.add_argument("--seed", type=int)
+    group.add_argument("--threads", type=int,
+                       help="torch CPU threads (1 is often fastest for decoding on a busy machine)")
 
 
 def settings_from_args(args) -> GenerationSettings:
-    """The settings chosen by ``add_generation_options`` flags (unset flags keep the preset)."""
+    """The settings chosen by ``add_generation_options`` flags (unset flags keep the preset).
+
+    Also applies ``--threads``, which is a property of the process, not of the settings.
+    """
+    if getattr(args, "threads", None) is not None:
+        if args.threads < 1:
+            raise TunelabError(f"--threads: {args.threads} must be >= 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
     names = ("max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k",
              "repetition_penalty", "num_beams", "stop", "seed")
     return from_preset(args.preset, **{n: getattr(args, n, None) for n in names})

@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 
+from tunelab.errors import TunelabError
 from tunelab.io import dumps
 
 SUBCOMMANDS = ("score", "run", "judge")
@@ -60,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", help="comma list of metrics")
     p.add_argument("--out", help="report folder (default: <output_dir>/eval)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--judge-base-url", help="also judge the answers with this OpenAI-compatible endpoint")
+    p.add_argument("--judge-model", help="judge model name (with --judge-base-url)")
+    p.add_argument("--judge-api-key-env", default="OPENAI_API_KEY")
     p.set_defaults(handler=_run)
 
     p = sub.add_parser("judge", help="LLM-as-judge over predictions (pairwise when --pred-b is given)")
@@ -119,7 +123,17 @@ def _run(args: argparse.Namespace) -> int:
     if args.out:
         overrides.append(f'eval.output_dir="{args.out}"')
     cfg = load_config(args.recipe, overrides)
-    report = evaluate(cfg, progress=not args.quiet)
+    judge = None
+    if args.judge_base_url or args.judge_model:
+        if not (args.judge_base_url and args.judge_model):
+            raise TunelabError("--judge-base-url and --judge-model go together")
+        from tunelab.eval.judge import JudgeClient
+
+        out_dir = cfg.eval.output_dir or os.path.join(cfg.output_dir, "eval")
+        judge = JudgeClient(args.judge_base_url, args.judge_model,
+                            api_key=os.environ.get(args.judge_api_key_env, "EMPTY"),
+                            cache_path=os.path.join(out_dir, "judge_cache.jsonl"))
+    report = evaluate(cfg, progress=not args.quiet, judge=judge)
     out = report["output_dir"]
     print(f"report: {out}/report.md, {out}/report.html, {out}/report.json", file=sys.stderr)
     from tunelab.eval.report import to_markdown

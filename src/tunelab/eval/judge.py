@@ -76,16 +76,16 @@ class JudgeClient:
 
     base_url: str
     model: str
-    api_key: str = "EMPTY"
+    api_key: str = field(default="EMPTY", repr=False)
     cache_path: str | None = None
     """JSONL cache file; a request seen before is answered from it without a call."""
     max_retries: int = 3
     timeout: float = 120.0
     temperature: float = 0.0
-    calls: int = 0
+    calls: int = field(default=0, init=False)
     """HTTP requests actually sent (cache hits excluded)."""
-    _cache: dict[str, str] = field(default_factory=dict, repr=False)
-    _client: Any = field(default=None, repr=False)
+    _cache: dict[str, str] = field(default_factory=dict, init=False, repr=False)
+    _client: Any = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.cache_path and Path(self.cache_path).is_file():

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from tunelab.errors import TunelabError
@@ -38,7 +38,6 @@ class MetricOptions:
     """(model, tokenizer) for perplexity."""
     prompts: list[Any] | None = None
     """Prompts (chat message lists or strings) the references answer, for perplexity."""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _em(p, r, o):
@@ -160,5 +159,8 @@ def score_files(pred_path: str, ref_path: str | None = None, metrics: str | list
     if len(predictions) != len(references):
         raise TunelabError(f"{pred_path} has {len(predictions)} rows but {ref_path or pred_path} "
                            f"has {len(references)}: rows are matched by order")
-    predictions = [p if isinstance(p, str) else str(p) for p in predictions]
+    import json
+
+    # a prediction stored as a JSON object (e.g. a report) is compared as its JSON text
+    predictions = [p if isinstance(p, str) else json.dumps(p, ensure_ascii=False) for p in predictions]
     return score(predictions, references, names, options)

@@ -160,7 +160,7 @@ def cider_d(predictions: list[str], references: list[Any], lang: str | None = No
         for ref in row:
             vec_r, norm_r, len_r = _tfidf(ref, doc_freq, log_docs, n)
             overlap = np.array([sum(min(v, vec_r[k].get(g, 0.0)) * vec_r[k].get(g, 0.0)
-                                    for g, v in vec_h[k].items()) for k in range(n)])
+                                    for g, v in vec_h[k].items()) for k in range(n)], dtype=float)
             denom = norm_h * norm_r
             overlap = np.divide(overlap, denom, out=overlap, where=denom != 0)
             total += overlap * math.exp(-((len_h - len_r) ** 2) / (2 * sigma ** 2))

@@ -13,7 +13,7 @@ from typing import Any
 
 from tunelab.io import atomic_write_text, write_json
 
-_SKIP = {"lang", "bleu_tokenizer", "bertscore_model"}  # descriptive strings, listed in settings
+_SKIP = {"lang", "bleu_tokenizer", "bertscore_model", "bleu"}  # descriptive strings; bleu = bleu4
 
 
 def _rows(results: dict[str, dict[str, Any]]) -> list[str]:
@@ -82,6 +82,9 @@ def to_markdown(report: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "---|" * len(header))
         lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
+        verdict = _pairwise_text(report, test_name)
+        if verdict:
+            lines += ["", verdict]
         for n, example in enumerate(report.get("examples", {}).get(test_name, []), 1):
             lines += ["", f"### Example {n}", "", f"**Prompt:** {_md_cell(example['prompt'], 500)}", "",
                       f"**Reference:** {_md_cell(example['reference'], 500)}", ""]
@@ -89,6 +92,18 @@ def to_markdown(report: dict[str, Any]) -> str:
     lines += ["", "## Settings", "", "```", _settings_text(report), "```", "", "## Timings", ""]
     lines += _timing_lines(report)
     return "\n".join(lines) + "\n"
+
+
+def _pairwise_text(report: dict[str, Any], test_name: str) -> str:
+    """One line on the judge's pairwise verdict for a test set, if there is one."""
+    judge = report.get("judge") or {}
+    pair = judge.get("pairwise", {}).get(test_name)
+    if not pair:
+        return ""
+    rate = pair["win_rate_a"]
+    return (f"Judge `{judge['model']}`, pairwise in both orders: {pair['a']} wins {pair['wins_a']}, "
+            f"{pair['b']} wins {pair['wins_b']}, ties {pair['ties']} (win rate of {pair['a']}: "
+            f"{_fmt(rate)}; orders disagreed on {pair['inconsistent']}, unparsed {pair['judge_unparsed']}).")
 
 
 def _settings_text(report: dict[str, Any]) -> str:
@@ -127,6 +142,8 @@ def to_html(report: dict[str, Any]) -> str:
         parts.append("<tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>")
         parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows]
         parts.append("</table>")
+        if _pairwise_text(report, test_name):
+            parts.append(f"<p>{esc(_pairwise_text(report, test_name))}</p>")
         examples = report.get("examples", {}).get(test_name, [])
         if examples:
             models = list(examples[0]["predictions"])

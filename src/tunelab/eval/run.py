@@ -111,11 +111,13 @@ def _evaluate_model(spec: str, cfg: RunConfig, test_sets: list[TestSet], out: Pa
     return metrics, timings
 
 
-def evaluate(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
+def evaluate(cfg: RunConfig, progress: bool = True, judge: Any = None) -> dict[str, Any]:
     """Evaluate ``eval.models`` on ``eval.datasets`` (default: data.eval) and write the report.
 
     Returns the report dict (also written as report.json); the first model is the
-    "before" column of every table.
+    "before" column of every table. With ``judge`` (a ``JudgeClient``) every model's
+    answers are also judged pointwise (means join the metrics table) and the first
+    model is compared with the last pairwise (``report["judge"]``).
     """
     from tunelab.eval.report import write_reports
 
@@ -147,6 +149,8 @@ def evaluate(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
         for test_name, values in metrics.items():
             report["results"][test_name][name] = values
         report["timings"][name] = timings
+    if judge is not None:
+        _judge_all(judge, report, test_sets, model_names, out)
     report["timings"]["total_s"] = round(time.perf_counter() - started, 2)
     report["examples"] = _examples(out, test_sets, model_names)
     report["output_dir"] = str(out)
@@ -154,16 +158,37 @@ def evaluate(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     return report
 
 
-def _examples(out: Path, test_sets: list[TestSet], model_names: list[str], count: int = 3) -> dict[str, list]:
-    """The first few rows of each test set with every model's answer side by side."""
+def _predictions(out: Path, model: str, test: str) -> list[str]:
     import json
 
+    path = out / model / test / "predictions.jsonl"
+    return [json.loads(line)["prediction"] for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def _judge_all(judge: Any, report: dict, test_sets: list[TestSet], model_names: list[str], out: Path) -> None:
+    """Pointwise judge of every model (joins the metrics) and first-vs-last pairwise."""
+    from tunelab.eval.judge import judge_pairwise, judge_pointwise
+    from tunelab.io import write_json
+
+    report["judge"] = {"model": judge.model, "base_url": judge.base_url, "pairwise": {}}
+    for test in test_sets:
+        for name in model_names:
+            result = judge_pointwise(judge, test.prompts, _predictions(out, name, test.name), test.references)
+            write_json(out / name / test.name / "judge_pointwise.json", result)
+            report["results"][test.name][name].update(result["summary"])
+        if len(model_names) > 1:
+            first, last = model_names[0], model_names[-1]
+            result = judge_pairwise(judge, test.prompts, _predictions(out, first, test.name),
+                                    _predictions(out, last, test.name), test.references, (first, last))
+            write_json(out / f"judge_pairwise_{test.name}.json", result)
+            report["judge"]["pairwise"][test.name] = {"a": first, "b": last, **result["summary"]}
+
+
+def _examples(out: Path, test_sets: list[TestSet], model_names: list[str], count: int = 3) -> dict[str, list]:
+    """The first few rows of each test set with every model's answer side by side."""
     examples: dict[str, list] = {}
     for test in test_sets:
-        answers = {}
-        for name in model_names:
-            lines = (out / name / test.name / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
-            answers[name] = [json.loads(line)["prediction"] for line in lines[:count]]
+        answers = {name: _predictions(out, name, test.name)[:count] for name in model_names}
         examples[test.name] = [
             {"prompt": test.prompts[i][-1]["content"] if test.prompts[i] else "", "reference": test.references[i],
              "predictions": {name: answers[name][i] for name in model_names}}

@@ -6,6 +6,7 @@ import os
 import sys
 
 from tunelab.config import DEFAULT_MODEL, ServeConfig
+from tunelab.errors import TunelabError
 from tunelab.generation import GenerationSettings, add_generation_options, settings_from_args
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -27,6 +28,8 @@ def run_server(
     from tunelab.serve.app import create_app
     from tunelab.serve.models import load_for_serving
 
+    if settings is not None and settings.num_beams > 1:
+        raise TunelabError("serve streams answers and batches requests, which beam search cannot do: use num_beams=1")
     api_key = api_key or os.environ.get("TUNELAB_API_KEY") or None
     if host not in LOOPBACK and not api_key:
         print(f"warning: serving on {host} without an API key; anyone who can reach it can use it",
@@ -56,8 +59,6 @@ def register(subparsers) -> None:
 
 
 def _main(args) -> int:
-    from tunelab.errors import TunelabError
-
     if args.max_queue < 1 or args.max_batch < 1:
         raise TunelabError("serve: --max-queue and --max-batch must be >= 1")
     run_server(args.model, args.adapter, settings_from_args(args), args.host, args.port, args.api_key,

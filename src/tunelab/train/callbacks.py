@@ -35,8 +35,15 @@ class MetricsLogger(TrainerCallback):
         """On resume: keep the log up to the checkpoint; steps after it will be run again."""
         if not self.path.is_file():
             return
-        lines = self.path.read_text(encoding="utf-8").splitlines()
-        self.records = [r for r in map(json.loads, filter(None, lines)) if r.get("step", 0) <= step]
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by the kill
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(record)
+        self.records = kept
         if int(os.environ.get("RANK", "0")) == 0:
             write_jsonl(self.path, self.records)
 

@@ -28,8 +28,10 @@ def merge_export(run: str | Path, out: str | Path, overwrite: bool = False, dtyp
     if occupied and not overwrite:
         raise TunelabError(f"{out}: already exists; pass --overwrite to replace it")
     model, tokenizer = load_model(ModelConfig(name=str(run)), dtype=pick_dtype(dtype) if dtype else None)
-    if hasattr(model, "merge_and_unload"):
-        if getattr(model, "active_peft_config", None) is not None and model.active_peft_config.is_prompt_learning:
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        if model.active_peft_config.is_prompt_learning:
             raise TunelabError(f"{run}: prefix/prompt-tuning adapters cannot be merged into the weights; "
                                "load the run folder directly instead")
         model = model.merge_and_unload()

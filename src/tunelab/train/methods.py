@@ -97,9 +97,22 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return best
 
 
+def _plain(model: nn.Module, cfg: MethodConfig) -> nn.Module:
+    """A model loaded from a run folder comes with its adapter: merge a LoRA in first."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        return model
+    if model.active_peft_config.is_prompt_learning:
+        raise TunelabError(f"method.name: {cfg.name} cannot start from a prefix/prompt-tuning run; "
+                           "start from its base model instead")
+    return model.merge_and_unload()
+
+
 @register("full", saves_adapter=False)
 def prepare_full(model: nn.Module, cfg: MethodConfig) -> nn.Module:
     """Every parameter trains."""
+    model = _plain(model, cfg)
     for param in model.parameters():
         param.requires_grad_(True)
     report_trainable(model)
@@ -109,6 +122,7 @@ def prepare_full(model: nn.Module, cfg: MethodConfig) -> nn.Module:
 @register("freeze", saves_adapter=False)
 def prepare_freeze(model: nn.Module, cfg: MethodConfig) -> nn.Module:
     """Only the last ``freeze_trainable_layers`` blocks (and optionally the head) train."""
+    model = _plain(model, cfg)
     layers = decoder_layers(model)
     n = cfg.freeze_trainable_layers
     if not 0 < n <= len(layers):
@@ -144,8 +158,14 @@ def _lora_config(cfg: MethodConfig):
 
 
 def _wrap_peft(model: nn.Module, peft_cfg) -> nn.Module:
-    from peft import get_peft_model
+    from peft import PeftModel, get_peft_model
 
+    if isinstance(model, PeftModel):  # started from a run folder
+        if model.active_peft_config.peft_type == peft_cfg.peft_type:
+            report_trainable(model)  # keep training that run's adapter (loaded trainable)
+            return model
+        raise TunelabError(f"method.name: cannot add a {peft_cfg.peft_type.value} adapter to a run that has a "
+                           f"{model.active_peft_config.peft_type.value} adapter; export --merge it first")
     try:
         peft_model = get_peft_model(model, peft_cfg)
     except ValueError as exc:  # e.g. target modules not found in the model

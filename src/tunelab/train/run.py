@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tunelab.config import RunConfig, save_config
+from tunelab.config import RunConfig
 from tunelab.errors import TunelabError
 from tunelab.train.collate import SFTCollator, pack_examples
 from tunelab.train.methods import get_method, trainable_line
@@ -113,41 +113,20 @@ def _summary(trainer, collator, metrics, cfg, started: float, extra: dict[str, A
     }
 
 
-def train(cfg: RunConfig, callbacks: list | None = None) -> Path:
-    """Fine-tune ``cfg.model`` on ``cfg.data`` with ``cfg.method``; return the run folder.
+def _prepare_folder(cfg: RunConfig) -> tuple[Path, str | None]:
+    """The run folder and the checkpoint to resume from (the main process checks and writes)."""
+    if not _is_main():
+        out = Path(cfg.output_dir).expanduser()
+        return out, find_checkpoint(out, cfg.train.resume)
+    return prepare_output_dir(cfg)  # config.yaml is written with the model, at the end
 
-    ``callbacks`` are extra transformers ``TrainerCallback`` objects (tests use one to
-    stop mid-run). Ctrl-C saves a checkpoint and raises ``KeyboardInterrupt``.
-    """
-    from transformers import EarlyStoppingCallback, PrinterCallback, set_seed
 
-    from tunelab.models import load_model
+def _build_trainer(cfg, model, tokenizer, args, train_ds, eval_ds, out, checkpoint, callbacks):
+    from transformers import EarlyStoppingCallback, PrinterCallback
+
     from tunelab.train.callbacks import MetricsLogger, ProgressBar, SaveOnInterrupt
     from tunelab.train.trainer import SFTTrainer
 
-    started = time.monotonic()
-    method = get_method(cfg.method.name)
-    if method.preflight:
-        method.preflight(cfg.method)  # before any slow load: fail fast on this machine
-    if _is_main():
-        out, checkpoint = prepare_output_dir(cfg)
-    else:  # the main process checked and prepared the folder
-        out = Path(cfg.output_dir).expanduser()
-        checkpoint = find_checkpoint(out, cfg.train.resume)
-    if _is_main():
-        save_config(cfg, out / "config.yaml")
-    set_seed(cfg.train.seed)  # adapter initialisation is random: same seed, same start
-    extra = method.load_kwargs(cfg.method) if method.load_kwargs else {}
-    model, tokenizer = load_model(cfg.model, for_training=True, **extra)
-    train_ex, eval_ex, encode_summary = build_examples(cfg, tokenizer)
-    train_ds = to_dataset(train_ex, cfg.data.packing, cfg.data.cutoff_len)
-    eval_ds = to_dataset(eval_ex, False, cfg.data.cutoff_len) if eval_ex else None
-    model = method.prepare(model, cfg.method)
-    if cfg.train.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
-        model.enable_input_require_grads()  # frozen embeddings would cut the graph otherwise
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    per_step = cfg.train.batch_size * cfg.train.grad_accum * world
-    args = training_arguments(cfg, out, max(1, math.ceil(len(train_ds) / per_step)), eval_ds is not None)
     collator = SFTCollator(tokenizer.pad_token_id)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          data_collator=collator, processing_class=tokenizer)
@@ -159,19 +138,61 @@ def train(cfg: RunConfig, callbacks: list | None = None) -> Path:
         trainer.add_callback(cb)
     if cfg.train.early_stopping_patience and eval_ds is not None:
         trainer.add_callback(EarlyStoppingCallback(cfg.train.early_stopping_patience))
-    if checkpoint and _is_main():
-        print(f"resuming from {checkpoint}", flush=True)
+    return trainer, collator, metrics, interrupt
+
+
+def _say(text: str) -> None:
+    if _is_main():
+        print(text, flush=True)
+
+
+def train(cfg: RunConfig, callbacks: list | None = None) -> Path:
+    """Fine-tune ``cfg.model`` on ``cfg.data`` with ``cfg.method``; return the run folder.
+
+    ``callbacks`` are extra transformers ``TrainerCallback`` objects (tests use one to
+    stop mid-run). Ctrl-C saves a checkpoint and raises ``KeyboardInterrupt``.
+    """
+    from transformers import set_seed
+
+    from tunelab.models import load_model, load_tokenizer
+
+    started = time.monotonic()
+    method = get_method(cfg.method.name)
+    if method.preflight:
+        method.preflight(cfg.method)  # before any slow load: fail fast on this machine
+    out, checkpoint = _prepare_folder(cfg)
+    # Data before weights: a bad data file fails in seconds, not after a slow model load.
+    train_ex, eval_ex, encode_summary = build_examples(cfg, load_tokenizer(cfg.model, padding_side="right"))
+    train_ds = to_dataset(train_ex, cfg.data.packing, cfg.data.cutoff_len)
+    eval_ds = to_dataset(eval_ex, False, cfg.data.cutoff_len) if eval_ex else None
+    _say(f"data: {len(train_ex)} train / {len(eval_ex)} eval examples ({encode_summary})"
+         + (f"; packed into {len(train_ds)} rows" if cfg.data.packing else ""))
+    per_step = cfg.train.batch_size * cfg.train.grad_accum * int(os.environ.get("WORLD_SIZE", "1"))
+    # TrainingArguments before the model: under DeepSpeed ZeRO-3 it makes loading sharded.
+    args = training_arguments(cfg, out, max(1, math.ceil(len(train_ds) / per_step)), eval_ds is not None)
+    set_seed(cfg.train.seed)  # adapter initialisation is random: same seed, same start
+    extra = method.load_kwargs(cfg.method) if method.load_kwargs else {}
+    model, tokenizer = load_model(cfg.model, for_training=True, **extra)
+    model = method.prepare(model, cfg.method)
+    if cfg.train.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()  # frozen embeddings would cut the graph otherwise
+    trainer, collator, metrics, interrupt = _build_trainer(
+        cfg, model, tokenizer, args, train_ds, eval_ds, out, checkpoint, callbacks)
+    if checkpoint:
+        _say(f"resuming from {checkpoint}")
     trainer.train(resume_from_checkpoint=checkpoint)
     if interrupt.interrupted:
-        print(f"stopped at step {trainer.state.global_step}; checkpoint saved in {out / 'checkpoints'}; "
-              "continue with train.resume=auto", flush=True)
+        _say(f"stopped at step {trainer.state.global_step}; checkpoint saved in {out / 'checkpoints'}; "
+             "continue with train.resume=auto")
         raise KeyboardInterrupt
     if eval_ds is not None and not any("eval_loss" in r and r["step"] == trainer.state.global_step
                                        for r in metrics.records):
         trainer.evaluate()  # the run always ends with an eval loss when there is eval data
+    if collator.efficiency is not None:
+        _say(f"efficiency: {collator.efficiency:.1%} of computed tokens were real "
+             f"({'packed' if cfg.data.packing else 'padded'} rows)")
     summary = _summary(trainer, collator, metrics, cfg, started, {
         "trainable": trainable_line(trainer.model), "train_examples": len(train_ex),
         "eval_examples": len(eval_ex), "encode": encode_summary})
     save_run(trainer, tokenizer, cfg, out, summary, metrics.records)
     return out
-

@@ -80,12 +80,14 @@ def plot_losses(records: list[dict[str, Any]], path: Path, title: str) -> Path |
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     if train:
         ax.plot(*zip(*train), label="train loss", color="tab:blue", linewidth=1.4)
     if evals:
         ax.plot(*zip(*evals), label="eval loss", color="tab:orange", marker="o", linewidth=1.6)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (mean per supervised token)")
     ax.set_title(title, fontsize=10)
@@ -140,6 +142,7 @@ def save_run(trainer, tokenizer, cfg: RunConfig, out: Path, summary: dict[str, A
     trainer.save_model(str(out))  # adapter or full weights, safetensors; main process only
     if not trainer.is_world_process_zero():
         return
+    (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; config.yaml says it all
     tokenizer.save_pretrained(str(out))  # keeps the chat template (chat_template.jinja)
     save_config(cfg, out / "config.yaml")
     trainer.state.save_to_json(str(out / "trainer_state.json"))

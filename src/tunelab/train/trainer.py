@@ -72,9 +72,8 @@ def sft_loss(model: nn.Module, inputs: dict[str, torch.Tensor], num_items: Any =
     total = F.cross_entropy(logits.float(), targets, reduction="sum")
     if num_items is None:
         num_items = targets.numel()
-    if torch.is_tensor(num_items):
-        num_items = num_items.to(total.device)
-    return total / max(num_items, 1) if not torch.is_tensor(num_items) else total / num_items.clamp(min=1)
+    num_items = torch.as_tensor(num_items, device=total.device)
+    return total / num_items.clamp(min=1)
 
 
 class SFTTrainer(Trainer):
