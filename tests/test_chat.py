@@ -171,3 +171,59 @@ def test_builtin_model_chats():
                         input=io.StringIO("What is the capital of France?\nexit\n"), output=out)
     assert "Paris" in out.getvalue()
     assert session.history[0] == {"role": "user", "content": "What is the capital of France?"}
+
+
+def test_template_errors_are_reported_and_the_session_goes_on(tiny_llama, make_tiny_tokenizer):
+    strict = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+              "{{ raise_exception('System role not supported') }}{% endif %}"
+              "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    out = io.StringIO()
+    session = chat_loop(tiny_llama, make_tiny_tokenizer(chat_template=strict), SETTINGS, system="Be brief.",
+                        input=io.StringIO("hi\n/system\nhi again\n"), output=out)
+    assert "(error: chat template failed" in out.getvalue() and "System role not supported" in out.getvalue()
+    assert [m["content"] for m in session.history if m["role"] == "user"] == ["hi again"]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_terminal_mode_shows_prompts_and_help(tiny_llama, tiny_tokenizer):
+    out = io.StringIO()
+    chat_loop(tiny_llama, tiny_tokenizer, SETTINGS, input=_Terminal("Hello\nexit\n"), output=out)
+    text = out.getvalue()
+    assert text.startswith("chatting with the model; commands: exit | quit | clear")
+    assert text.count("User  >>> ") == 2 and text.count("Assistant >>> ") == 1
+
+
+def test_real_ctrl_c_in_the_cli_stops_only_the_answer(tiny_llama, tiny_tokenizer, tmp_path):
+    import signal
+    import threading
+    import time
+
+    folder = tmp_path / "tiny"
+    tiny_llama.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tunelab", "chat", str(folder), "--max-new-tokens", "480", "--min-new-tokens", "480",
+         "--threads", "1"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    seen: list[str] = []
+    reader = threading.Thread(target=lambda: seen.extend(iter(lambda: proc.stdout.read(1), "")), daemon=True)
+    reader.start()
+    proc.stdin.write("Hello\n")
+    proc.stdin.flush()
+    deadline = time.time() + 90
+    while len(seen) < 3:  # the answer has started streaming
+        assert time.time() < deadline and proc.poll() is None, proc.stderr.read()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    proc.stdin.write("exit\n")
+    proc.stdin.close()
+    assert proc.wait(60) == 0, proc.stderr.read()
+    reader.join(10)
+    assert "(stopped)" in "".join(seen)

@@ -50,6 +50,7 @@ class JudgeServer:
         self.requests = 0
         self.fail_next = 0
         self.status_override: int | None = None
+        self.malformed = False
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -59,6 +60,9 @@ class JudgeServer:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 server.requests += 1
+                if server.malformed:
+                    self._send(200, {"id": "x", "object": "chat.completion", "choices": []})
+                    return
                 if server.status_override or server.fail_next:
                     status = server.status_override or 500
                     server.fail_next = max(0, server.fail_next - 1)
@@ -154,6 +158,20 @@ def test_retries_on_server_errors_and_fails_fast_on_client_errors(server):
     server.status_override = 401
     with pytest.raises(TunelabError, match="HTTP 401"):
         JudgeClient(server.base_url, "judge").complete([{"role": "user", "content": "x"}])
+
+
+def test_malformed_response_is_a_one_line_error(server):
+    server.malformed = True
+    with pytest.raises(TunelabError, match="not an OpenAI chat completion"):
+        JudgeClient(server.base_url, "judge").complete([{"role": "user", "content": "x"}])
+
+
+def test_pairwise_names_come_from_the_report_layout(tmp_path):
+    from tunelab.eval.judge import _model_names
+
+    a, b = tmp_path / "base" / "qa" / "predictions.jsonl", tmp_path / "tuned" / "qa" / "predictions.jsonl"
+    assert _model_names(a, b) == ("base", "tuned")
+    assert _model_names(tmp_path / "x.jsonl", tmp_path / "y.jsonl") == ("x", "y")
 
 
 def test_unreachable_endpoint_is_a_one_line_error():

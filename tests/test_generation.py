@@ -183,3 +183,8 @@ def test_hand_written_templates_bring_their_stop_strings(make_tiny_tokenizer):
     tokenizer = apply_template(make_tiny_tokenizer(chat_template=None), "human-assistant")
     assert template_stops(tokenizer) == ("\nHuman:",)
     assert template_stops(make_tiny_tokenizer(chat_template="{{ messages[0]['content'] }}")) == ()
+
+
+def test_one_conversation_instead_of_a_list_is_explained(model, tiny_tokenizer):
+    with pytest.raises(TunelabError, match="pass a list of prompts"):
+        generate(model, tiny_tokenizer, PROMPTS[0], progress=False)

@@ -198,6 +198,10 @@ def test_unknown_model_is_404_with_openai_error(live):
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 2}, "n", None),
     ({"model": "tiny", "messages": [{"role": "user", "content": "word " * 600}]}, "messages",
      "context_length_exceeded"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens", None),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}, "max_tokens", None),
+    ({"model": "tiny", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "x.png"}}]}]}, "messages[0].content", None),
     ({"model": "tiny", "messages": [{"role": "user", "content": "word " * 200}], "max_tokens": 400}, "messages",
      "context_length_exceeded"),
 ])
@@ -210,6 +214,37 @@ def test_bad_requests_are_400_with_openai_error(live, body, param, code):
     assert set(error) == {"message", "type", "param", "code"}
     assert error["type"] == "invalid_request_error" and error["message"]
     assert error["param"] == param and error["code"] == code
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"model": "tiny", "prompt": [3, 10 ** 6]}, "prompt"),
+    ({"model": "tiny", "prompt": ""}, "prompt"),
+    ({"model": "tiny", "prompt": ["a", "b"], "stream": True}, "prompt"),
+    ({"model": "tiny", "prompt": "hi", "echo": True}, "echo"),
+    ({"model": "tiny", "prompt": "hi", "stop": ["ok", ""]}, "stop"),
+])
+def test_bad_completion_requests(live, body, param):
+    response = httpx.post(live.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def test_unknown_routes_and_methods_use_the_error_shape(live):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    missing = httpx.get(live.url + "/v1/nothing", headers=headers)
+    wrong_method = httpx.get(live.url + "/v1/chat/completions", headers=headers)
+    assert (missing.status_code, wrong_method.status_code) == (404, 405)
+    assert set(missing.json()["error"]) == set(wrong_method.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_streamed_answer_respects_stop_strings(live, tiny_llama, tiny_tokenizer):
+    prompt = "The patient has a fever"
+    full = _reference(tiny_llama, tiny_tokenizer, prompt, max_new_tokens=16, min_new_tokens=16)
+    stop = full.text[5:7]
+    chunks = list(live.client().completions.create(model="tiny", prompt=prompt, max_tokens=16, stop=[stop],
+                                                   stream=True, extra_body={"min_tokens": 16}))
+    assert "".join(c.choices[0].text for c in chunks) == full.text[:full.text.index(stop)]
+    assert chunks[-1].choices[0].finish_reason == "stop"
 
 
 def test_sixteen_concurrent_streams_all_complete(live, tiny_llama, tiny_tokenizer):

@@ -168,3 +168,37 @@ def test_beam_search_is_refused_before_loading_anything():
 
     with pytest.raises(TunelabError, match="beam search"):
         run_server("does-not-matter", settings=from_preset("beam"))
+
+
+def test_a_lora_run_folder_serves_its_base_and_itself(tiny_llama, tiny_tokenizer, tmp_path):
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from tunelab.config import RunConfig, save_config
+    from tunelab.generation import generate
+    from tunelab.serve.models import load_for_serving
+
+    base = tmp_path / "base"
+    tiny_llama.save_pretrained(base)
+    tiny_tokenizer.save_pretrained(base)
+    run = tmp_path / "runs" / "doctor"
+    torch.manual_seed(3)
+    tuned = get_peft_model(copy.deepcopy(tiny_llama), LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"],
+                                                                 init_lora_weights=False))
+    tuned.save_pretrained(run)
+    tiny_tokenizer.save_pretrained(run)
+    cfg = RunConfig()
+    cfg.model.name = str(base)
+    save_config(cfg, run / "config.yaml")
+
+    served = load_for_serving(str(run), [f"again={run}"])
+    assert served.ids == {str(base): None, "doctor": "default", "again": "adapter_1"}
+    prompt = [[{"role": "user", "content": "Hello"}]]
+    settings = GenerationSettings(max_new_tokens=6)
+    expected = generate(tuned.eval(), tiny_tokenizer, prompt, settings, progress=False)[0].text
+    assert generate(served.model, served.tokenizer, prompt, settings, progress=False)[0].text == expected
+    with served.model.disable_adapter():
+        plain = generate(served.model, served.tokenizer, prompt, settings, progress=False)[0].text
+    assert plain == generate(tiny_llama, tiny_tokenizer, prompt, settings, progress=False)[0].text

@@ -15,9 +15,10 @@ from tunelab.config import DEFAULT_MODEL
 from tunelab.errors import TunelabError
 from tunelab.generation import (
     FALLBACK_REPLY,
+    PRESETS,
     GenerationSettings,
-    add_generation_options,
     context_length,
+    from_preset,
     render_prompt,
     stream,
 )
@@ -96,12 +97,14 @@ def chat_loop(
 
 
 def _read(input: TextIO, output: TextIO, interactive: bool) -> str | None:
-    if interactive:
-        output.write("User  >>> ")
-        output.flush()
     try:
+        if interactive and input is sys.stdin:
+            return _read_terminal()
+        if interactive:
+            output.write("User  >>> ")
+            output.flush()
         line = input.readline()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, EOFError):  # Ctrl-C or Ctrl-D at the prompt leaves
         output.write("\n")
         return None
     if not line:
@@ -110,8 +113,23 @@ def _read(input: TextIO, output: TextIO, interactive: bool) -> str | None:
     return line.rstrip("\r\n")
 
 
+def _read_terminal() -> str:
+    """One line from the terminal through ``input()``, with readline's editing and history."""
+    import builtins
+
+    try:
+        import readline  # noqa: F401  (importing it is what turns editing on)
+    except ImportError:  # Windows without pyreadline: plain input still works
+        pass
+    return builtins.input("User  >>> ")
+
+
 def _answer(session: ChatSession, user_text: str, output: TextIO, interactive: bool) -> None:
-    messages, dropped = session.fit(user_text)
+    try:
+        messages, dropped = session.fit(user_text)
+    except TunelabError as exc:  # e.g. a template that rejects a system message: say so, keep the session
+        _say(output, f"(error: {exc})")
+        return
     if dropped:
         _say(output, f"(history trimmed: dropped the {dropped} oldest turn(s) to fit the model's context)")
     if messages is None:
@@ -151,6 +169,42 @@ def _isatty(stream_: TextIO) -> bool:
         return False
 
 
+# Generation flags shared by ``tunelab chat`` and ``tunelab serve`` (the lowest CLI module owns them).
+
+
+def add_generation_options(parser) -> None:
+    """Add --preset, --max-new-tokens, --temperature ... to an argparse parser."""
+    group = parser.add_argument_group("generation")
+    group.add_argument("--preset", default="greedy", choices=sorted(PRESETS), help="starting settings")
+    group.add_argument("--max-new-tokens", type=int, help="answer length limit in tokens")
+    group.add_argument("--min-new-tokens", type=int)
+    group.add_argument("--temperature", type=float, help="0 = greedy")
+    group.add_argument("--top-p", type=float)
+    group.add_argument("--top-k", type=int)
+    group.add_argument("--repetition-penalty", type=float)
+    group.add_argument("--num-beams", type=int)
+    group.add_argument("--stop", action="append", help="stop string (repeatable)")
+    group.add_argument("--seed", type=int)
+    group.add_argument("--threads", type=int,
+                       help="torch CPU threads (1 is often fastest for decoding on a busy machine)")
+
+
+def settings_from_args(args) -> GenerationSettings:
+    """The settings chosen by ``add_generation_options`` flags (unset flags keep the preset).
+
+    Also applies ``--threads``, which is a property of the process, not of the settings.
+    """
+    if getattr(args, "threads", None) is not None:
+        if args.threads < 1:
+            raise TunelabError(f"--threads: {args.threads} must be >= 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    names = ("max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k",
+             "repetition_penalty", "num_beams", "stop", "seed")
+    return from_preset(args.preset, **{n: getattr(args, n, None) for n in names})
+
+
 def run_chat(spec: str, settings: GenerationSettings, system: str | None = None) -> None:
     """Load ``spec`` (model, run folder or builtin) and chat on stdin/stdout."""
     from tunelab.models import load_model
@@ -172,7 +226,5 @@ def register(subparsers) -> None:
 
 
 def _main(args) -> int:
-    from tunelab.generation import settings_from_args
-
     run_chat(args.model, settings_from_args(args), args.system)
     return 0

@@ -206,7 +206,8 @@ def render_prompt(tokenizer, prompt: Any) -> list[int]:
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except Exception as exc:  # jinja errors from templates that reject a role order, for example
-        raise TunelabError(f"chat template failed on these messages: {exc}") from exc
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise TunelabError(f"chat template failed on these messages: {first_line}") from exc
     # The template already wrote bos and friends; adding them again would double them.
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -347,7 +348,7 @@ def _generation_kwargs(settings: GenerationSettings, max_new_tokens: int, pad_id
     # from the checkpoint's generation_config (e.g. top_k=50), which would make our
     # settings mean different things per model. Greedy decoding ignores them.
     kwargs = dict(
-        max_new_tokens=max_new_tokens, min_new_tokens=settings.min_new_tokens or None,
+        max_new_tokens=max_new_tokens, min_new_tokens=settings.min_new_tokens,
         do_sample=not settings.greedy, num_beams=settings.num_beams,
         repetition_penalty=settings.repetition_penalty, pad_token_id=pad_id,
         eos_token_id=sorted(eos) or None, use_cache=True,
@@ -435,6 +436,8 @@ def generate(
     settings = settings or GenerationSettings()
     if batch_size < 1:
         raise TunelabError(f"generation: batch_size {batch_size} must be >= 1")
+    if prompts and isinstance(prompts[0], dict):
+        raise TunelabError("generate: prompts is one conversation; pass a list of prompts ([messages])")
     encoded = [render_prompt(tokenizer, p) for p in prompts]
     for index, ids in enumerate(encoded):
         check_context(model, len(ids), settings.max_new_tokens, where=f"prompt {index}")
@@ -519,39 +522,3 @@ def stream(model, tokenizer, messages: Any, settings: GenerationSettings | None 
     prompt_ids = render_prompt(tokenizer, messages)
     check_context(model, len(prompt_ids), settings.max_new_tokens)
     return TextStream(model, tokenizer, prompt_ids, settings, cancel)
-
-
-# ---------------------------------------------------------------- CLI helpers
-
-
-def add_generation_options(parser) -> None:
-    """Add --preset, --max-new-tokens, --temperature ... to an argparse parser."""
-    group = parser.add_argument_group("generation")
-    group.add_argument("--preset", default="greedy", choices=sorted(PRESETS), help="starting settings")
-    group.add_argument("--max-new-tokens", type=int, help="answer length limit in tokens")
-    group.add_argument("--min-new-tokens", type=int)
-    group.add_argument("--temperature", type=float, help="0 = greedy")
-    group.add_argument("--top-p", type=float)
-    group.add_argument("--top-k", type=int)
-    group.add_argument("--repetition-penalty", type=float)
-    group.add_argument("--num-beams", type=int)
-    group.add_argument("--stop", action="append", help="stop string (repeatable)")
-    group.add_argument("--seed", type=int)
-    group.add_argument("--threads", type=int,
-                       help="torch CPU threads (1 is often fastest for decoding on a busy machine)")
-
-
-def settings_from_args(args) -> GenerationSettings:
-    """The settings chosen by ``add_generation_options`` flags (unset flags keep the preset).
-
-    Also applies ``--threads``, which is a property of the process, not of the settings.
-    """
-    if getattr(args, "threads", None) is not None:
-        if args.threads < 1:
-            raise TunelabError(f"--threads: {args.threads} must be >= 1")
-        import torch
-
-        torch.set_num_threads(args.threads)
-    names = ("max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k",
-             "repetition_penalty", "num_beams", "stop", "seed")
-    return from_preset(args.preset, **{n: getattr(args, n, None) for n in names})

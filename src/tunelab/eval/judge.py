@@ -132,6 +132,8 @@ class JudgeClient:
                 response = self._client.chat.completions.create(
                     model=self.model, messages=messages, temperature=self.temperature)
                 return response.choices[0].message.content or ""
+            except (IndexError, AttributeError, TypeError, openai.APIResponseValidationError) as exc:
+                raise TunelabError(f"judge {self.base_url}: not an OpenAI chat completion: {_line(exc)}") from exc
             except retryable as exc:
                 last = exc
             except openai.APIStatusError as exc:  # 4xx: retrying will not help
@@ -315,6 +317,16 @@ def judge_pairwise(client: JudgeClient, questions: list[Any], answers_a: list[st
             "summary": summary, "rows": rows}
 
 
+def _model_names(a: Path, b: Path) -> tuple[str, str]:
+    """Name two predictions files by the first parent folders that differ
+    (``<out>/<model>/<test>/predictions.jsonl`` gives the model names), else their stems."""
+    pa, pb = a.resolve().parents, b.resolve().parents
+    for depth in range(min(3, len(pa), len(pb))):
+        if pa[depth].name != pb[depth].name and pa[depth].name and pb[depth].name:
+            return pa[depth].name, pb[depth].name
+    return (a.stem, b.stem) if a.stem != b.stem else ("A", "B")
+
+
 def judge_files(client: JudgeClient, pred_path: str, pred_b_path: str | None = None, out: str | None = None,
                 dimensions: list[str] | None = None, with_reference: bool = True) -> dict[str, Any]:
     """Judge a predictions file (fields ``prompt``, ``prediction``, optional ``reference``).
@@ -338,9 +350,7 @@ def judge_files(client: JudgeClient, pred_path: str, pred_b_path: str | None = N
         answers_b = read_column(pred_b_path, "prediction")
         if len(answers_b) != len(answers):
             raise TunelabError(f"{pred_path} has {len(answers)} rows but {pred_b_path} has {len(answers_b)}")
-        names = (Path(pred_path).parent.name or "A", Path(pred_b_path).parent.name or "B")
-        if names[0] == names[1]:
-            names = (f"{names[0]} (A)", f"{names[1]} (B)")
+        names = _model_names(Path(pred_path), Path(pred_b_path))
         result = judge_pairwise(client, questions, answers, answers_b, references, names)
     else:
         result = judge_pointwise(client, questions, answers, references, dimensions)

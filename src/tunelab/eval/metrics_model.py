@@ -124,6 +124,38 @@ def _example(tokenizer, reference: str, prompt: Any) -> tuple[list[int], list[in
     return encoded["input_ids"], encoded["labels"]
 
 
+def _batch_nll(model, chunk: list[tuple[list[int], list[int]]], pad: int) -> tuple[float, int]:
+    """Summed NLL and count of the scored tokens of one batch.
+
+    Rows are left-padded so every answer ends at the last position; logits are then
+    needed only for the last ``keep`` positions (``logits_to_keep``), which bounds the
+    (batch x positions x vocabulary) logits tensor by the answers, not the prompts.
+    Position ids follow the mask, so padding changes nothing.
+    """
+    import torch
+
+    width = max(len(ids) for ids, _ in chunk)
+    first = [next((i for i, t in enumerate(lab) if t != -100), len(lab)) for _, lab in chunk]
+    keep = min(width, max(len(ids) - f + 1 for (ids, _), f in zip(chunk, first)))
+    device = getattr(model, "device", torch.device("cpu"))
+    ids = torch.tensor([[pad] * (width - len(i)) + i for i, _ in chunk], device=device)
+    labels = torch.tensor([[-100] * (width - len(lab)) + lab for _, lab in chunk], device=device)
+    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i, _ in chunk], device=device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        try:
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                           logits_to_keep=keep).logits
+        except TypeError:  # architectures without logits_to_keep
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        logits = logits[:, -keep:].float()
+    # logits at position t predict token t+1
+    targets = labels[:, width - keep + 1:]
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                            ignore_index=-100, reduction="sum")
+    return float(nll), int((targets != -100).sum())
+
+
 def perplexity(model, tokenizer, references: list[str], prompts: list[Any] | None = None,
                batch_size: int = 8) -> dict[str, Any]:
     """Perplexity of the references under ``model``: exp(total NLL / scored tokens).
@@ -134,28 +166,14 @@ def perplexity(model, tokenizer, references: list[str], prompts: list[Any] | Non
     reference continues the prompt; without prompts the reference is scored alone.
     Token-weighted over the corpus (a long answer counts more than a short one).
     """
-    import torch
-
     prompts = list(prompts) if prompts is not None else [None] * len(references)
     examples = [_example(tokenizer, str(r), p) for r, p in zip(references, prompts)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     total_nll, total_tokens = 0.0, 0
-    device = getattr(model, "device", torch.device("cpu"))
     model.eval()
     for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
-        ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in chunk], device=device)
-        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in chunk], device=device)
-        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in chunk], device=device)
-        with torch.inference_mode():
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        # position t predicts token t+1
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
-            ignore_index=-100, reduction="sum")
-        total_nll += float(nll)
-        total_tokens += int((labels[:, 1:] != -100).sum())
+        nll, tokens = _batch_nll(model, examples[start:start + batch_size], pad)
+        total_nll, total_tokens = total_nll + nll, total_tokens + tokens
     if total_tokens == 0:
         return {"perplexity": "unavailable: no reference tokens to score", "perplexity_tokens": 0}
     return {"perplexity": math.exp(total_nll / total_tokens), "perplexity_tokens": total_tokens,

@@ -7,7 +7,8 @@ import sys
 
 from tunelab.config import DEFAULT_MODEL, ServeConfig
 from tunelab.errors import TunelabError
-from tunelab.generation import GenerationSettings, add_generation_options, settings_from_args
+from tunelab.chat import add_generation_options, settings_from_args
+from tunelab.generation import GenerationSettings
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 

@@ -21,10 +21,9 @@ from tunelab.io import append_jsonl, write_jsonl
 class MetricsLogger(TrainerCallback):
     """Appends every logged record (train and eval) to ``metrics.jsonl``, with throughput."""
 
-    def __init__(self, path: Path, trainer_ref: Any, collator: Any, resume_step: int | None = None):
+    def __init__(self, path: Path, trainer_ref: Any, resume_step: int | None = None):
         self.path = Path(path)
         self.trainer = trainer_ref
-        self.collator = collator
         self.start = None
         self.tokens_at_start = 0
         self.records: list[dict[str, Any]] = []
@@ -67,8 +66,8 @@ class MetricsLogger(TrainerCallback):
             tps = self.tokens_per_second()
             if tps:
                 record["tokens_per_second"] = round(tps, 1)
-            if self.collator.efficiency is not None:
-                record["efficiency"] = round(self.collator.efficiency, 4)
+            if self.trainer.efficiency is not None:
+                record["efficiency"] = round(self.trainer.efficiency, 4)
         self.records.append(record)
         if state.is_world_process_zero:
             append_jsonl(self.path, record)

@@ -17,6 +17,7 @@ ways to batch them:
 
 from __future__ import annotations
 
+import bisect
 from typing import Any, Sequence
 
 import torch
@@ -25,24 +26,30 @@ IGNORE = -100
 
 
 def pack_examples(examples: Sequence[dict[str, Any]], max_len: int) -> list[dict[str, Any]]:
-    """Pack examples into rows of at most ``max_len`` tokens (first-fit, longest first).
+    """Pack examples into rows of at most ``max_len`` tokens (best fit, longest first).
 
     Each row keeps ``input_ids``, ``labels`` and ``position_ids`` (0.. per example)
     plus ``length``. An example longer than ``max_len`` gets a row of its own.
     """
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
     rows: list[dict[str, list[int]]] = []
+    free: list[tuple[int, int]] = []  # (space left, row index), sorted: bisect finds the best fit
     for i in order:
         ids = list(examples[i]["input_ids"])
         labels = list(examples[i]["labels"])
         labels[0] = IGNORE
-        target = next((r for r in rows if len(r["input_ids"]) + len(ids) <= max_len), None)
-        if target is None:
-            target = {"input_ids": [], "labels": [], "position_ids": []}
-            rows.append(target)
-        target["input_ids"] += ids
-        target["labels"] += labels
-        target["position_ids"] += list(range(len(ids)))
+        slot = bisect.bisect_left(free, (len(ids), -1))
+        if slot < len(free):
+            space, r = free.pop(slot)
+        else:
+            space, r = max_len, len(rows)
+            rows.append({"input_ids": [], "labels": [], "position_ids": []})
+        row = rows[r]
+        row["input_ids"] += ids
+        row["labels"] += labels
+        row["position_ids"] += list(range(len(ids)))
+        if space - len(ids) > 0:
+            bisect.insort(free, (space - len(ids), r))
     for row in rows:
         row["length"] = len(row["input_ids"])
     return rows
@@ -51,19 +58,13 @@ def pack_examples(examples: Sequence[dict[str, Any]], max_len: int) -> list[dict
 class SFTCollator:
     """Pads a list of examples (or packed rows) into one batch of tensors.
 
-    Counts real and total token slots so the run can report its efficiency
-    (``efficiency``: real tokens / tokens computed).
+    The batch carries ``num_real_tokens`` (tokens that are not padding) so the trainer
+    can report efficiency: real tokens / tokens computed.
     """
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
-        self.real_tokens = 0
-        self.total_tokens = 0
-
-    @property
-    def efficiency(self) -> float | None:
-        return self.real_tokens / self.total_tokens if self.total_tokens else None
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         packed = "position_ids" in rows[0]
@@ -84,8 +85,6 @@ class SFTCollator:
             else:
                 extra[i, :n] = 1
         real = sum(len(r["input_ids"]) for r in rows)
-        self.real_tokens += real
-        self.total_tokens += ids.numel()
         batch = {"input_ids": ids, "labels": labels, "num_real_tokens": torch.tensor(real)}
         batch["position_ids" if packed else "attention_mask"] = extra
         return batch

@@ -6,6 +6,7 @@ and ``AutoTokenizer.from_pretrained(OUT)`` (chat template included) load it.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -41,6 +42,9 @@ def merge_export(run: str | Path, out: str | Path, overwrite: bool = False, dtyp
         model.save_pretrained(str(staging))
         tokenizer.padding_side = "left"  # generation is what a deployed model does
         tokenizer.save_pretrained(str(staging))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; a model folder is not
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         staging.replace(out)

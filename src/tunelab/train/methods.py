@@ -29,18 +29,16 @@ class Method:
     prepare: Callable[[nn.Module, MethodConfig], nn.Module]
     preflight: Callable[[MethodConfig], None] | None = None
     load_kwargs: Callable[[MethodConfig], dict[str, Any]] | None = None
-    saves_adapter: bool = True
-    """True when the run folder holds an adapter on top of the base (not full weights)."""
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, *, preflight=None, load_kwargs=None, saves_adapter: bool = True):
+def register(name: str, *, preflight=None, load_kwargs=None):
     """Decorator: ``@register("lora")`` on ``prepare(model, cfg) -> model``."""
 
     def wrap(fn):
-        METHODS[name] = Method(name, fn, preflight, load_kwargs, saves_adapter)
+        METHODS[name] = Method(name, fn, preflight, load_kwargs)
         return fn
 
     return wrap
@@ -109,7 +107,7 @@ def _plain(model: nn.Module, cfg: MethodConfig) -> nn.Module:
     return model.merge_and_unload()
 
 
-@register("full", saves_adapter=False)
+@register("full")
 def prepare_full(model: nn.Module, cfg: MethodConfig) -> nn.Module:
     """Every parameter trains."""
     model = _plain(model, cfg)
@@ -119,7 +117,7 @@ def prepare_full(model: nn.Module, cfg: MethodConfig) -> nn.Module:
     return model
 
 
-@register("freeze", saves_adapter=False)
+@register("freeze")
 def prepare_freeze(model: nn.Module, cfg: MethodConfig) -> nn.Module:
     """Only the last ``freeze_trainable_layers`` blocks (and optionally the head) train."""
     model = _plain(model, cfg)

@@ -101,14 +101,14 @@ def training_arguments(cfg: RunConfig, out: Path, steps_per_epoch: int, has_eval
     )
 
 
-def _summary(trainer, collator, metrics, cfg, started: float, extra: dict[str, Any]) -> dict[str, Any]:
+def _summary(trainer, metrics, started: float, extra: dict[str, Any]) -> dict[str, Any]:
     return {
         **extra,
         "steps": trainer.state.global_step,
         "epochs": trainer.state.epoch,
         "seconds": time.monotonic() - started,
         "tokens_per_second": metrics.tokens_per_second(),
-        "efficiency": collator.efficiency,
+        "efficiency": trainer.efficiency,
         "processes": trainer.accelerator.num_processes,
     }
 
@@ -131,14 +131,13 @@ def _build_trainer(cfg, model, tokenizer, args, train_ds, eval_ds, out, checkpoi
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          data_collator=collator, processing_class=tokenizer)
     trainer.remove_callback(PrinterCallback)  # our progress bar shows the logs instead
-    metrics = MetricsLogger(out / "metrics.jsonl", trainer, collator,
-                            checkpoint_step(checkpoint) if checkpoint else None)
+    metrics = MetricsLogger(out / "metrics.jsonl", trainer, checkpoint_step(checkpoint) if checkpoint else None)
     interrupt = SaveOnInterrupt()
     for cb in [metrics, ProgressBar(metrics), interrupt, *(callbacks or [])]:
         trainer.add_callback(cb)
     if cfg.train.early_stopping_patience and eval_ds is not None:
         trainer.add_callback(EarlyStoppingCallback(cfg.train.early_stopping_patience))
-    return trainer, collator, metrics, interrupt
+    return trainer, metrics, interrupt
 
 
 def _say(text: str) -> None:
@@ -176,7 +175,7 @@ def train(cfg: RunConfig, callbacks: list | None = None) -> Path:
     model = method.prepare(model, cfg.method)
     if cfg.train.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()  # frozen embeddings would cut the graph otherwise
-    trainer, collator, metrics, interrupt = _build_trainer(
+    trainer, metrics, interrupt = _build_trainer(
         cfg, model, tokenizer, args, train_ds, eval_ds, out, checkpoint, callbacks)
     if checkpoint:
         _say(f"resuming from {checkpoint}")
@@ -188,10 +187,10 @@ def train(cfg: RunConfig, callbacks: list | None = None) -> Path:
     if eval_ds is not None and not any("eval_loss" in r and r["step"] == trainer.state.global_step
                                        for r in metrics.records):
         trainer.evaluate()  # the run always ends with an eval loss when there is eval data
-    if collator.efficiency is not None:
-        _say(f"efficiency: {collator.efficiency:.1%} of computed tokens were real "
+    if trainer.efficiency is not None:
+        _say(f"efficiency: {trainer.efficiency:.1%} of computed tokens were real "
              f"({'packed' if cfg.data.packing else 'padded'} rows)")
-    summary = _summary(trainer, collator, metrics, cfg, started, {
+    summary = _summary(trainer, metrics, started, {
         "trainable": trainable_line(trainer.model), "train_examples": len(train_ex),
         "eval_examples": len(eval_ex), "encode": encode_summary})
     save_run(trainer, tokenizer, cfg, out, summary, metrics.records)

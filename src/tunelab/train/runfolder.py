@@ -130,7 +130,7 @@ def write_readme(out: Path, cfg: RunConfig, summary: dict[str, Any], records: li
         ("precision", "bf16 autocast" if cfg.train.bf16 else "fp32"),
     ]
     lines = [f"# Run `{out.name}`", "", "| | |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in rows]
+    lines += [f"| {k} | {str(v).replace('|', chr(92) + '|')} |" for k, v in rows]  # "||" would split cells
     lines += ["", "![loss](loss.png)", "",
               f"Use it: `tunelab chat {out}` · `tunelab eval {out} ...` · `tunelab export {out} --merge OUT`", ""]
     return atomic_write_text(out / "README.md", "\n".join(lines))

@@ -87,13 +87,20 @@ class SFTTrainer(Trainer):
         # Trainer counts num_items_in_batch only for models that take loss kwargs; our loss
         # always wants it, whatever the (peft-wrapped) model's forward signature.
         self.model_accepts_loss_kwargs = True
-        self.real_tokens_seen = 0
+        self.real_tokens_seen = 0  # training tokens that are not padding (all processes)
+        self.token_slots_seen = 0  # training tokens computed, padding included
         self._staging_dir: str | None = None
+
+    @property
+    def efficiency(self) -> float | None:
+        """Real tokens / tokens computed in training so far (padding and packing waste)."""
+        return self.real_tokens_seen / self.token_slots_seen if self.token_slots_seen else None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         real = inputs.get("num_real_tokens")
         if model.training and real is not None:
             self.real_tokens_seen += int(real) * self.accelerator.num_processes
+            self.token_slots_seen += inputs["input_ids"].numel() * self.accelerator.num_processes
         loss = sft_loss(model, inputs, num_items_in_batch, self.accelerator.unwrap_model(model))
         if (num_items_in_batch is not None and self.args.average_tokens_across_devices
                 and self.accelerator.num_processes > 1):
