@@ -17,6 +17,11 @@ from __future__ import annotations
 import importlib.util
 import os
 
+# Tiny models gain nothing from a second thread, and on a busy 2-core machine spinning
+# OpenMP threads slow every test several times over (see docs/training.md).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 import pytest
 
 CHATML_TEMPLATE = (

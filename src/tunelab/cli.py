@@ -12,6 +12,7 @@ import importlib
 import logging
 import os
 import sys
+import warnings
 
 from tunelab import __version__
 from tunelab.errors import TunelabError
@@ -47,6 +48,12 @@ def build_parser(verbs: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # On a busy machine, OpenMP threads that spin while waiting made steps 5-10x slower
+    # (measured on 2 cores, docs/training.md); set OMP_WAIT_POLICY yourself to override.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # transformers reads this at import: no "Loading weights" bar on every model load.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     argv = list(sys.argv[1:] if argv is None else argv)
     verb = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser([verb] if verb in COMMANDS else None)
@@ -68,8 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _quiet_libraries(verbose: bool) -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes
         logging.getLogger("transformers").setLevel(logging.ERROR)

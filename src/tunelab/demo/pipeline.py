@@ -122,7 +122,10 @@ def evaluate_both(cfg: RunConfig, out: Path) -> dict[str, Any]:
     report["results"].update(extra["results"])
     report["test_sets"].update(extra["test_sets"])
     report["examples"].update(extra["examples"])
-    report["timings"]["general"] = extra["timings"]
+    for model, timing in extra["timings"].items():
+        if isinstance(timing, dict) and isinstance(report["timings"].get(model), dict):
+            report["timings"][model].update({k: v for k, v in timing.items() if k != "load_s"})
+    report["timings"]["total_s"] += extra["timings"]["total_s"]
     write_reports(report, out / "eval")
     return report
 
