@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     group.add_argument("--smoke", action="store_true", help="tiny random model, plumbing only (seconds)")
     parser.add_argument("--workdir", help="scratch folder, reused between runs (default: a temporary one)")
     parser.add_argument("--save", help="also write every figure (raw runs included) to this JSON file")
+    parser.add_argument("--threads", type=int,
+                        help="intra-op threads for every part (default: torch's choice = all cores); "
+                             "1 keeps figures stable when other jobs share the cores")
     parser.add_argument("--tunelab", action="append", default=[], metavar="KEY=VALUE",
                         help="extra tunelab training override (e.g. data.packing=true)")
     args = parser.parse_args(argv)
@@ -101,6 +104,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = PROFILES[mode]
     started = time.perf_counter()
     ensure_src_on_path()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)  # the matmul peak and generation run in this process
     with tempfile.TemporaryDirectory(prefix="tunelab-bench-") as tmp:
         workdir = Path(args.workdir or tmp)
         workdir.mkdir(parents=True, exist_ok=True)
@@ -110,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             train = smoke_training(spec, data_file, cfg, workdir)
         else:
             train = train_throughput.measure(spec, data_file, cfg["methods"], cfg["steps"], cfg["rounds"],
-                                             workdir, args.tunelab, log=log)
+                                             workdir, args.tunelab, log=log, threads=args.threads)
         train_throughput.print_table(train["summary"], log=log)
         log("== model FLOPs utilisation (tunelab LoRA)")
         util = mfu.report(train["runs"]["tunelab_lora"], "lora", mfu.measure_peaks(quick=mode != "full"), log=log)
@@ -123,7 +130,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from tunelab.io import write_json
 
         write_json(args.save, {"headline": figures, "machine": machine_info(), "train": train,
-                               "mfu": util, "generation": gen, "tunelab_overrides": args.tunelab})
+                               "mfu": util, "generation": gen, "tunelab_overrides": args.tunelab,
+                               "threads": args.threads})
     emit(figures)
     return figures
 

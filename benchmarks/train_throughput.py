@@ -19,6 +19,7 @@ is), the plain recipe as the seed has it (batch 1 × accumulation 8).
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -94,14 +95,12 @@ def subset(data_dir: Path, rows: int, workdir: Path) -> Path:
         picked = read_jsonl(data_dir / "train.jsonl", limit=rows)
         if len(picked) < rows:
             raise SystemExit(f"the training set has only {len(picked)} rows; fewer steps, please")
-        import json
-
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in picked), encoding="utf-8")
     return path
 
 
 def measure(spec: str, data_file: Path, methods: list[str], steps: int, rounds: int,
-            workdir: Path, extra: list[str], log=print) -> dict[str, Any]:
+            workdir: Path, extra: list[str], log=print, threads: int | None = None) -> dict[str, Any]:
     """Run every (contender, method) ``rounds`` times, alternating; return raw and summary figures."""
     runs: dict[str, list[dict]] = {}
     for r in range(rounds):
@@ -112,7 +111,7 @@ def measure(spec: str, data_file: Path, methods: list[str], steps: int, rounds: 
                 args = ["--child", contender, "--method", method, "--spec", spec, "--data", str(data_file),
                         "--steps", str(steps), "--out", str(workdir / "runs" / key)]
                 args += [a for x in extra for a in ("--tunelab", x)] if contender == "tunelab" else []
-                result = run_child("train_throughput.py", args)
+                result = run_child("train_throughput.py", args, threads=threads)
                 runs.setdefault(key, []).append(result)
                 log(f"  round {r + 1}/{rounds} {key:14s} {result['tokens_per_s']:7.1f} real tok/s  "
                     f"{result['s_per_step']:6.2f} s/step  peak RSS {result['peak_rss_mb']:6.0f} MiB  "
@@ -164,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", default="lora,full", help="comma list of lora, full")
     parser.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--smoke", action="store_true", help="tiny random model: checks the plumbing only")
+    parser.add_argument("--threads", type=int, help="intra-op threads per child (default: torch's choice)")
     parser.add_argument("--tunelab", action="append", default=[], metavar="KEY=VALUE",
                         help="extra tunelab config override (e.g. data.packing=true)")
     # child mode (internal)
@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="tunelab-bench-") as tmp:
         workdir = Path(args.workdir or tmp)
         spec, data_file = prepare(workdir, args.smoke, args.steps)
-        result = measure(spec, data_file, args.methods.split(","), args.steps, args.rounds, workdir, args.tunelab)
+        result = measure(spec, data_file, args.methods.split(","), args.steps, args.rounds, workdir,
+                         args.tunelab, threads=args.threads)
     print_table(result["summary"])
     emit(result["summary"])
 

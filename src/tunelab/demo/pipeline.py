@@ -91,7 +91,7 @@ def run_config(out: Path, plan: DemoPlan, model_spec: str, seed: int) -> RunConf
         "data": {"train": ["icd10cm-norm_train", "general_train", "general_train"],
                  "eval": ["icd10cm-norm_validation"], "dataset_dir": str(out / "data"),
                  "cutoff_len": 256},
-        "method": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
+        "method": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
         "train": {"epochs": plan.epochs, "max_steps": plan.max_steps, "batch_size": 8, "grad_accum": 1,
                   "lr": 2e-3, "scheduler": "cosine", "warmup_ratio": 0.05, "bf16": True, "seed": seed,
                   "logging_steps": 5, "save_strategy": "no"},

@@ -149,6 +149,15 @@ def pick_dtype(precision: str, for_training: bool = False):
     return torch.float32
 
 
+def pick_attention(name: str) -> str:
+    """``auto``: sdpa on a GPU; eager on a CPU, where sdpa with a padding mask was slower."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "sdpa" if torch.cuda.is_available() else "eager"
+
+
 def _check_attention(name: str) -> None:
     if name != "flash_attention_2":
         return
@@ -196,7 +205,7 @@ def _load_weights(resolved: ResolvedSpec, cfg: ModelConfig, dtype, quantization_
 
     kwargs = {
         "dtype": dtype,
-        "attn_implementation": cfg.attn_implementation,
+        "attn_implementation": pick_attention(cfg.attn_implementation),
         "trust_remote_code": cfg.trust_remote_code,
     }
     if cfg.device_map:

@@ -231,3 +231,26 @@ def prepare_prompt(model: nn.Module, cfg: MethodConfig) -> nn.Module:
 
     return _wrap_peft(model, PromptTuningConfig(task_type="CAUSAL_LM",
                                                 num_virtual_tokens=cfg.num_virtual_tokens))
+
+
+def store_frozen_linears(model: nn.Module, dtype) -> int:
+    """Keep frozen ``nn.Linear`` weights in ``dtype`` (bf16 under bf16 autocast).
+
+    Autocast casts every fp32 weight to bf16 on each forward and keeps the copy for the
+    backward; storing frozen weights in bf16 gives the same matmuls without the casts
+    and saves their fp32 memory. Trainable weights, norms and embeddings stay fp32;
+    the output head is skipped because it may be tied to the input embedding. Returns
+    the number of weights converted.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    converted = 0
+    for module in model.modules():
+        if not isinstance(module, nn.Linear) or module is head or module.weight.requires_grad:
+            continue
+        if module.bias is not None and module.bias.requires_grad:
+            continue
+        module.weight.data = module.weight.data.to(dtype)
+        if module.bias is not None:
+            module.bias.data = module.bias.data.to(dtype)
+        converted += 1
+    return converted

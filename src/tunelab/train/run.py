@@ -12,7 +12,7 @@ from typing import Any
 from tunelab.config import RunConfig
 from tunelab.errors import TunelabError
 from tunelab.train.collate import SFTCollator, pack_examples
-from tunelab.train.methods import get_method, trainable_line
+from tunelab.train.methods import get_method, store_frozen_linears, trainable_line
 from tunelab.train.runfolder import checkpoint_step, find_checkpoint, prepare_output_dir, save_run
 
 
@@ -173,6 +173,10 @@ def train(cfg: RunConfig, callbacks: list | None = None) -> Path:
     extra = method.load_kwargs(cfg.method) if method.load_kwargs else {}
     model, tokenizer = load_model(cfg.model, for_training=True, **extra)
     model = method.prepare(model, cfg.method)
+    if cfg.train.bf16 and cfg.train.bf16_frozen_weights:
+        import torch
+
+        store_frozen_linears(model, torch.bfloat16)
     if cfg.train.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()  # frozen embeddings would cut the graph otherwise
     trainer, metrics, interrupt = _build_trainer(
