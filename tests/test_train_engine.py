@@ -200,7 +200,7 @@ def test_two_process_ddp_matches_one_process(tiny_dir, data_file, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
     torchrun = Path(sys.executable).with_name("torchrun")
-    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "tunelab", "train", str(recipe),
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "tunelab", "train", str(recipe),
                            f"output_dir={out}", *common], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("run saved to") == 1  # only rank 0 reports
