@@ -203,8 +203,15 @@ def test_real_ctrl_c_in_the_cli_stops_only_the_answer(tiny_llama, tiny_tokenizer
     import threading
     import time
 
+    import copy
+
+    from transformers import LlamaForCausalLM
+
+    # Wider and deeper than tiny_llama so 480 tokens take seconds: Ctrl-C must land mid-answer.
+    config = copy.deepcopy(tiny_llama.config)
+    config.hidden_size, config.intermediate_size, config.num_hidden_layers = 256, 1024, 8
     folder = tmp_path / "tiny"
-    tiny_llama.save_pretrained(folder)
+    LlamaForCausalLM(config).save_pretrained(folder)
     tiny_tokenizer.save_pretrained(folder)
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"))
     proc = subprocess.Popen(
