@@ -247,3 +247,19 @@ def test_evaluate_with_a_judge_adds_pointwise_means_and_a_pairwise_verdict(serve
     assert (pair["a"], pair["b"], pair["ties"], pair["inconsistent"]) == ("tiny", "tiny-2", 2, 0)  # same answers
     md = (tmp_path / "ev" / "report.md").read_text(encoding="utf-8")
     assert "pairwise in both orders: tiny wins 0, tiny-2 wins 0, ties 2" in md and "| judge_overall |" in md
+
+
+def test_judge_comes_from_the_recipe(tmp_path, monkeypatch):
+    from tunelab.config import load_config
+    from tunelab.errors import TunelabError
+    from tunelab.eval.run import judge_from_config
+
+    assert judge_from_config(load_config(None)) is None
+    with pytest.raises(TunelabError, match="go together"):
+        judge_from_config(load_config(None, ["eval.judge_model=j"]))
+    monkeypatch.setenv("MY_JUDGE_KEY", "sk-test")
+    cfg = load_config(None, [f"output_dir={tmp_path}", "eval.judge_base_url=http://127.0.0.1:9/v1",
+                             "eval.judge_model=j", "eval.judge_api_key_env=MY_JUDGE_KEY"])
+    client = judge_from_config(cfg)
+    assert (client.base_url, client.model, client.api_key) == ("http://127.0.0.1:9/v1", "j", "sk-test")
+    assert client.cache_path == str(tmp_path / "eval" / "judge_cache.jsonl")

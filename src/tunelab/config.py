@@ -173,6 +173,12 @@ class EvalConfig:
     max_samples: int | None = None
     output_dir: str | None = None
     """Where report.md/html/json go (default: <output_dir>/eval)."""
+    judge_base_url: str | None = None
+    """Also judge every answer with this OpenAI-compatible endpoint (LLM-as-judge)."""
+    judge_model: str | None = None
+    """Model name the judge endpoint serves."""
+    judge_api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the judge's API key (never the key itself in a file)."""
 
 
 @dataclass

@@ -11,7 +11,6 @@ import argparse
 import os
 import sys
 
-from tunelab.errors import TunelabError
 from tunelab.io import dumps
 
 SUBCOMMANDS = ("score", "run", "judge")
@@ -63,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--judge-base-url", help="also judge the answers with this OpenAI-compatible endpoint")
     p.add_argument("--judge-model", help="judge model name (with --judge-base-url)")
-    p.add_argument("--judge-api-key-env", default="OPENAI_API_KEY")
+    p.add_argument("--judge-api-key-env", help="env var with the judge API key (default: eval.judge_api_key_env, OPENAI_API_KEY)")
     p.set_defaults(handler=_run)
 
     p = sub.add_parser("judge", help="LLM-as-judge over predictions (pairwise when --pred-b is given)")
@@ -122,18 +121,14 @@ def _run(args: argparse.Namespace) -> int:
         overrides.append(f"eval.metrics=[{args.metrics}]")
     if args.out:
         overrides.append(f'eval.output_dir="{args.out}"')
+    if args.judge_base_url:
+        overrides.append(f'eval.judge_base_url="{args.judge_base_url}"')
+    if args.judge_model:
+        overrides.append(f'eval.judge_model="{args.judge_model}"')
+    if args.judge_api_key_env:
+        overrides.append(f"eval.judge_api_key_env={args.judge_api_key_env}")
     cfg = load_config(args.recipe, overrides)
-    judge = None
-    if args.judge_base_url or args.judge_model:
-        if not (args.judge_base_url and args.judge_model):
-            raise TunelabError("--judge-base-url and --judge-model go together")
-        from tunelab.eval.judge import JudgeClient
-
-        out_dir = cfg.eval.output_dir or os.path.join(cfg.output_dir, "eval")
-        judge = JudgeClient(args.judge_base_url, args.judge_model,
-                            api_key=os.environ.get(args.judge_api_key_env, "EMPTY"),
-                            cache_path=os.path.join(out_dir, "judge_cache.jsonl"))
-    report = evaluate(cfg, progress=not args.quiet, judge=judge)
+    report = evaluate(cfg, progress=not args.quiet)
     out = report["output_dir"]
     print(f"report: {out}/report.md, {out}/report.html, {out}/report.json", file=sys.stderr)
     from tunelab.eval.report import to_markdown

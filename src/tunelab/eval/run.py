@@ -111,6 +111,22 @@ def _evaluate_model(spec: str, cfg: RunConfig, test_sets: list[TestSet], out: Pa
     return metrics, timings
 
 
+def judge_from_config(cfg: RunConfig) -> Any:
+    """A ``JudgeClient`` from ``eval.judge_*``, or None when no judge is configured."""
+    import os
+
+    e = cfg.eval
+    if not (e.judge_base_url or e.judge_model):
+        return None
+    if not (e.judge_base_url and e.judge_model):
+        raise TunelabError("eval.judge_base_url and eval.judge_model go together")
+    from tunelab.eval.judge import JudgeClient
+
+    out_dir = e.output_dir or os.path.join(cfg.output_dir, "eval")
+    return JudgeClient(e.judge_base_url, e.judge_model, api_key=os.environ.get(e.judge_api_key_env, "EMPTY"),
+                       cache_path=os.path.join(out_dir, "judge_cache.jsonl"))
+
+
 def evaluate(cfg: RunConfig, progress: bool = True, judge: Any = None) -> dict[str, Any]:
     """Evaluate ``eval.models`` on ``eval.datasets`` (default: data.eval) and write the report.
 
@@ -121,6 +137,7 @@ def evaluate(cfg: RunConfig, progress: bool = True, judge: Any = None) -> dict[s
     """
     from tunelab.eval.report import write_reports
 
+    judge = judge or judge_from_config(cfg)
     models = default_models(cfg)
     datasets = list(cfg.eval.datasets or cfg.data.eval)
     if not datasets:
