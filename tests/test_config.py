@@ -60,3 +60,7 @@ def test_resolved_config_round_trips(tmp_path):
     assert "病历.jsonl" in path.read_text(encoding="utf-8")
     again = load_config(path)
     assert again == cfg
+
+
+def test_bare_no_means_the_string_no():
+    assert load_config(None, ["train.save_strategy=no"]).train.save_strategy == "no"

@@ -153,6 +153,8 @@ class TrainConfig:
     """``auto`` resumes from the newest checkpoint in output_dir, or give a checkpoint path."""
 
     def __post_init__(self) -> None:
+        if self.save_strategy is False:  # YAML 1.1 reads a bare `no` as false
+            self.save_strategy = "no"
         _choice("train", "scheduler", self.scheduler,
                 ("cosine", "linear", "constant", "constant_with_warmup"))
         _choice("train", "save_strategy", self.save_strategy, ("no", "steps", "epoch"))
