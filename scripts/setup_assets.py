@@ -31,6 +31,10 @@ def _apt_install(packages: list[str]) -> str | None:
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     try:
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:  # a fresh machine may have no package lists yet
+            update = [*command[:command.index("install")], "update", "-q"]
+            subprocess.run(update, env=env, capture_output=True, text=True, timeout=600)
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     except (OSError, subprocess.SubprocessError) as exc:
         return f"{' '.join(command[:3])} failed: {exc}"
     if done.returncode != 0:
