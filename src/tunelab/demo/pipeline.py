@@ -95,7 +95,7 @@ def run_config(out: Path, plan: DemoPlan, model_spec: str, seed: int) -> RunConf
         "train": {"epochs": plan.epochs, "max_steps": plan.max_steps, "batch_size": 8, "grad_accum": 1,
                   "lr": 2e-3, "scheduler": "cosine", "warmup_ratio": 0.05, "bf16": True, "seed": seed,
                   "logging_steps": 5, "save_strategy": "no"},
-        "eval": {"batch_size": 16, "max_new_tokens": 40, "preset": "greedy",
+        "eval": {"batch_size": 16, "max_new_tokens": 32, "preset": "greedy",
                  "max_samples": plan.eval_samples, "output_dir": str(out / "eval")},
     }
     return build(RunConfig, values)
