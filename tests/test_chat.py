@@ -209,7 +209,7 @@ def test_real_ctrl_c_in_the_cli_stops_only_the_answer(tiny_llama, tiny_tokenizer
 
     # Wider and deeper than tiny_llama so 480 tokens take seconds: Ctrl-C must land mid-answer.
     config = copy.deepcopy(tiny_llama.config)
-    config.hidden_size, config.intermediate_size, config.num_hidden_layers = 256, 1024, 8
+    config.hidden_size, config.intermediate_size, config.num_hidden_layers = 512, 2048, 12
     folder = tmp_path / "tiny"
     LlamaForCausalLM(config).save_pretrained(folder)
     tiny_tokenizer.save_pretrained(folder)
