@@ -48,6 +48,11 @@ def read_registry(dataset_dir: str | Path) -> dict[str, dict]:
     path = Path(dataset_dir) / INFO_FILE
     if not path.is_file():
         raise TunelabError(f"{path}: no such file (the dataset folder needs a {INFO_FILE})")
+    return read_json_object(path)
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file holding an object of named entries, with one-line errors."""
     try:
         info = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as exc:

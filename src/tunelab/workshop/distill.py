@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from tunelab.errors import TunelabError
 from tunelab.io import append_jsonl, write_json, write_jsonl
@@ -91,15 +90,10 @@ class DistillReport:
 
 def load_distill_config(path: str | Path, **overrides: Any) -> DistillConfig:
     """Read a distillation YAML; ``overrides`` replace keys (e.g. from the command line)."""
+    from tunelab.config import read_yaml
+
     path = Path(path)
-    if not path.is_file():
-        raise TunelabError(f"{path}: no such file")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise TunelabError(f"{path}: invalid YAML: {exc}".splitlines()[0]) from exc
-    if not isinstance(data, dict):
-        raise TunelabError(f"{path}: expected a mapping")
+    data = read_yaml(path)  # one-line errors for a missing file or bad YAML, with its line
     data.update({k: v for k, v in overrides.items() if v is not None})
     return make_config(data, path.resolve().parent, str(path))
 

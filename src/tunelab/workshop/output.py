@@ -78,15 +78,10 @@ def _forget_old_splits(out: Path, registry: dict, name: str, prefix: str, curren
 
 
 def _read_registry(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise TunelabError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from exc
-    if not isinstance(data, dict):
-        raise TunelabError(f"{path}: expected a JSON object of dataset entries")
-    return data
+    """Entries already in ``path`` (a registry or build_info file), or {} when it is new."""
+    from tunelab.data.registry import read_json_object
+
+    return read_json_object(path) if path.is_file() else {}
 
 
 def _readme(name: str, meta: dict[str, Any]) -> str:
