@@ -7,6 +7,8 @@ STAMP := $(VENV)/.tunelab-setup
 # CPU build on this machine; for a GPU use e.g. TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124"
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# e.g. make demo DEMO_ARGS=--overwrite (replace runs/demo) or DEMO_ARGS=--quick
+DEMO_ARGS ?=
 
 .PHONY: setup demo test test-fast clean-venv
 
@@ -22,7 +24,7 @@ $(STAMP): pyproject.toml Makefile scripts/setup_assets.py
 	touch $(STAMP)
 
 demo: setup
-	$(VENV)/bin/tunelab demo
+	$(VENV)/bin/tunelab demo $(DEMO_ARGS)
 
 test: setup
 	$(PY) scripts/run_tests.py $(PYTEST_ARGS)
