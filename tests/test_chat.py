@@ -199,18 +199,19 @@ def test_terminal_mode_shows_prompts_and_help(tiny_llama, tiny_tokenizer):
 
 
 def test_real_ctrl_c_in_the_cli_stops_only_the_answer(tiny_llama, tiny_tokenizer, tmp_path):
+    import copy
     import signal
     import threading
     import time
 
-    import copy
-
+    import torch
     from transformers import LlamaForCausalLM
 
     # Wider and deeper than tiny_llama so 480 tokens take seconds: Ctrl-C must land mid-answer.
     config = copy.deepcopy(tiny_llama.config)
     config.hidden_size, config.intermediate_size, config.num_hidden_layers = 512, 2048, 12
     folder = tmp_path / "tiny"
+    torch.manual_seed(0)  # the same weights whatever ran before: an answer that never ends early
     LlamaForCausalLM(config).save_pretrained(folder)
     tiny_tokenizer.save_pretrained(folder)
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"))
