@@ -198,27 +198,34 @@ def test_terminal_mode_shows_prompts_and_help(tiny_llama, tiny_tokenizer):
     assert text.count("User  >>> ") == 2 and text.count("Assistant >>> ") == 1
 
 
-def test_real_ctrl_c_in_the_cli_stops_only_the_answer(tiny_llama, tiny_tokenizer, tmp_path):
-    import copy
+def test_real_ctrl_c_in_the_cli_stops_only_the_answer(make_tiny_tokenizer, tmp_path):
     import signal
     import threading
     import time
 
     import torch
-    from transformers import LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     # Wider and deeper than tiny_llama so 480 tokens take seconds: Ctrl-C must land mid-answer.
-    config = copy.deepcopy(tiny_llama.config)
-    config.hidden_size, config.intermediate_size, config.num_hidden_layers = 512, 2048, 12
+    # Built from scratch (fresh tokenizer, fresh config, fixed seed): nothing another test
+    # did to the shared fixtures can change how long the answer runs.
+    tokenizer = make_tiny_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
     folder = tmp_path / "tiny"
-    torch.manual_seed(0)  # the same weights whatever ran before: an answer that never ends early
+    torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"))
     proc = subprocess.Popen(
         [sys.executable, "-m", "tunelab", "chat", str(folder), "--max-new-tokens", "480", "--min-new-tokens", "480",
          "--threads", "1"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        # A shell's background job (`make test &`) ignores SIGINT and children inherit that;
+        # give the chat the default disposition a user's terminal has.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     seen: list[str] = []
     reader = threading.Thread(target=lambda: seen.extend(iter(lambda: proc.stdout.read(1), "")), daemon=True)
