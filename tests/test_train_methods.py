@@ -17,14 +17,7 @@ from tunelab.train.trainer import sft_loss
 SEED_LINE = re.compile(r"^trainable params: [\d,]+ \|\| all params: [\d,]+ \|\| trainable%: \d+\.\d{4}$", re.M)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread. With several busy processes on 2 cores, OpenMP threads
-    waiting on each other at every small op made these tests >10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def trainable_names(model):

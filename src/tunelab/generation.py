@@ -8,8 +8,7 @@
 - ``generate_ids``: one batch of already-tokenised prompts with per-row callbacks,
   limits and cancellation; the server's batching engine drives this directly.
 
-Stop strings are handled in exactly one place, ``StopFilter``: it cuts the text at the
-first stop string and, while streaming, holds back any tail that could still become one.
+Stop strings are handled in exactly one place, ``tunelab.stops``.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 from tunelab.errors import TunelabError
+from tunelab.stops import StopFilter, template_stops
 
 FALLBACK_REPLY = (
     "I'm sorry, but I couldn't generate a response to that. "
@@ -137,58 +137,6 @@ class GenerationResult:
 def with_fallback(text: str, fallback: str = FALLBACK_REPLY) -> str:
     """``text``, or the fixed polite reply when the model produced nothing visible."""
     return text if text.strip() else fallback
-
-
-# ---------------------------------------------------------------- stop strings
-
-
-class StopFilter:
-    """Cuts text at the first stop string; while streaming, holds back possible prefixes.
-
-    ``feed(piece)`` returns the text that is safe to show now and whether a stop string
-    was hit; ``flush()`` returns what was held back once generation ended without one.
-    """
-
-    def __init__(self, stops: Sequence[str] = ()):
-        self.stops = [s for s in stops if s]
-        self.text = ""
-        self.emitted = 0
-        self.stopped = False
-
-    def feed(self, piece: str) -> tuple[str, bool]:
-        if self.stopped:
-            return "", True
-        self.text += piece
-        cut = min((i for i in (self.text.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            self.text, self.stopped = self.text[:cut], True
-            return self._take(len(self.text)), True
-        return self._take(len(self.text) - self._held_back()), False
-
-    def flush(self) -> str:
-        return self._take(len(self.text))
-
-    def _held_back(self) -> int:
-        """Length of the longest tail of the text that starts some stop string."""
-        longest = 0
-        for stop in self.stops:
-            for size in range(min(len(stop) - 1, len(self.text)), longest, -1):
-                if self.text.endswith(stop[:size]):
-                    longest = size
-                    break
-        return longest
-
-    def _take(self, end: int) -> str:
-        end = max(end, self.emitted)
-        piece, self.emitted = self.text[self.emitted:end], end
-        return piece
-
-
-def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
-    """``text`` cut before the first stop string, and whether one was found."""
-    stop_filter = StopFilter(stops)
-    stop_filter.feed(text)
-    return stop_filter.text, stop_filter.stopped
 
 
 # ---------------------------------------------------------------- prompts
@@ -314,21 +262,6 @@ class _Rows:
             if self.on_done is not None:
                 self.on_done(row, result)
         return self.results[row]
-
-
-def template_stops(tokenizer) -> tuple[str, ...]:
-    """Stop strings implied by a hand-written template (e.g. ``\\nHuman:`` for human-assistant).
-
-    A base model prompted through such a template tends to write the next turn itself;
-    the tokenizer's own templates end answers with eos and need none.
-    """
-    from tunelab.models.templates import STOP_STRINGS, TEMPLATES
-
-    template = getattr(tokenizer, "chat_template", None)
-    for name, source in TEMPLATES.items():
-        if template == source:
-            return tuple(STOP_STRINGS.get(name, ()))
-    return ()
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:
