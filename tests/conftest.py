@@ -113,3 +113,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def tunelab_threads(request, monkeypatch):
+    """Tests on tiny models run on one thread (``$TUNELAB_THREADS=1``); the slow end-to-end
+    tests on the real model let ``tunelab.hardware`` decide afresh, as a user's run does."""
+    from tunelab import hardware
+
+    if request.node.get_closest_marker("slow"):
+        monkeypatch.delenv(hardware.THREADS_ENV, raising=False)
+        monkeypatch.setattr(hardware, "_APPLIED", None)
+    elif hardware.THREADS_ENV not in os.environ:
+        monkeypatch.setenv(hardware.THREADS_ENV, "1")

@@ -248,7 +248,7 @@ class MatmulDtype(TrainerCallback):
 def test_packing_checkpointing_bf16_and_early_stopping(tiny_dir, data_file, tmp_path):
     dtype, watch = MatmulDtype(), WatchParams()
     out = run(tiny_dir, data_file, tmp_path / "run", "data.packing=true", "data.cutoff_len=128",
-              "train.gradient_checkpointing=true", "train.bf16=true", "data.val_size=8", "train.eval_steps=1",
+              "train.gradient_checkpointing=true", "train.bf16=force", "data.val_size=8", "train.eval_steps=1",
               "train.early_stopping_patience=1", "train.lr=3.0", "train.max_steps=40", "method.dropout=0.05", callbacks=[dtype, watch])
     assert dtype.dtypes == {torch.bfloat16}  # bf16 autocast on CPU, over fp32 master weights
     assert watch.changed == watch.trainable  # gradients reach LoRA through checkpointed layers

@@ -186,7 +186,7 @@ def add_generation_options(parser) -> None:
     group.add_argument("--stop", action="append", help="stop string (repeatable)")
     group.add_argument("--seed", type=int)
     group.add_argument("--threads", type=int,
-                       help="torch CPU threads (1 is often fastest for decoding on a busy machine)")
+                       help="torch CPU threads (default: the cores other processes leave free; also $TUNELAB_THREADS)")
 
 
 def settings_from_args(args) -> GenerationSettings:
@@ -195,11 +195,9 @@ def settings_from_args(args) -> GenerationSettings:
     Also applies ``--threads``, which is a property of the process, not of the settings.
     """
     if getattr(args, "threads", None) is not None:
-        if args.threads < 1:
-            raise TunelabError(f"--threads: {args.threads} must be >= 1")
-        import torch
+        from tunelab.hardware import set_threads
 
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
     names = ("max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k",
              "repetition_penalty", "num_beams", "stop", "seed")
     return from_preset(args.preset, **{n: getattr(args, n, None) for n in names})

@@ -26,6 +26,7 @@ COMMANDS = {
     "chat": "tunelab.chat",
     "serve": "tunelab.serve.cli",
     "demo": "tunelab.demo",
+    "env": "tunelab.env",
 }
 
 
@@ -33,6 +34,9 @@ def build_parser(verbs: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunelab", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"tunelab {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="show library logs and full tracebacks")
+    parser.add_argument("--threads", dest="global_threads", metavar="N",
+                        help="torch CPU threads for any command (default: decided from the free cores; "
+                             "also $TUNELAB_THREADS)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for verb, module_name in COMMANDS.items():
         if verbs is not None and verb not in verbs:
@@ -63,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _quiet_libraries(args.verbose)
     try:
+        if args.global_threads is not None:
+            from tunelab.hardware import THREADS_ENV, requested_threads
+
+            os.environ[THREADS_ENV] = str(requested_threads(args.global_threads))
         return int(args.func(args) or 0)
     except TunelabError as exc:
         if args.verbose:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -29,12 +30,36 @@ def _choice(section: str, name: str, value: Any, choices: tuple) -> None:
         raise TunelabError(f"{section}.{name}: {value!r} is not one of {', '.join(map(str, choices))}")
 
 
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?")
+
+
+def parse_duration(value: str | float, name: str = "train.max_time") -> float:
+    """``10m``, ``1h30m``, ``90s``, ``1.5h`` or a number of seconds -> seconds (> 0)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        text = str(value).strip().lower()
+        match = _DURATION.fullmatch(text)
+        if text.replace(".", "", 1).isdigit():
+            seconds = float(text)
+        elif match and text and any(match.groups()):
+            hours, minutes, secs = (float(g or 0) for g in match.groups())
+            seconds = hours * 3600 + minutes * 60 + secs
+        else:
+            raise TunelabError(f"{name}: {value!r} is not a duration (use e.g. 10m, 1h30m, 90s "
+                               "or a number of seconds)")
+    if not seconds > 0 or seconds == float("inf"):
+        raise TunelabError(f"{name}: {value!r} must be a positive, finite duration")
+    return seconds
+
+
 @dataclass
 class ModelConfig:
     name: str = DEFAULT_MODEL
     """Model spec: HF folder, ``.gguf`` file, tunelab run folder, or ``builtin:NAME``."""
     precision: str = "auto"
-    """Weights dtype: ``auto`` (bf16 where supported for training, else fp32), fp32, bf16, fp16."""
+    """Weights dtype: ``auto`` (fp32 on a CPU, bf16/fp16 on a GPU), fp32, bf16, fp16. An explicit
+    bf16/fp16 is kept on a CPU where it measured much slower than fp32, with a warning."""
     attn_implementation: str = "auto"
     """``auto`` (sdpa on a GPU, eager on a CPU, where sdpa with a padding mask was measured
     ~30% slower), ``sdpa``, ``eager``, or ``flash_attention_2`` (needs flash-attn and a GPU)."""
@@ -106,8 +131,8 @@ class MethodConfig:
     """``freeze``: also train the output head (and tied embeddings)."""
     num_virtual_tokens: int = 16
     """``prefix``/``prompt``: number of virtual tokens."""
-    compute_dtype: str = "bf16"
-    """``qlora``: dtype of the dequantised matmuls (bf16 or fp16)."""
+    compute_dtype: str = "auto"
+    """``qlora``: dtype of the dequantised matmuls: ``auto`` (bf16 where the GPU has it, else fp16), bf16, fp16."""
 
     def __post_init__(self) -> None:
         _choice("method", "name", self.name,
@@ -132,8 +157,11 @@ class TrainConfig:
     """Fraction of steps spent warming up."""
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    bf16: bool = True
-    """bf16 autocast (CPU with avx512_bf16 and recent GPUs); fp32 otherwise."""
+    bf16: bool | str = "auto"
+    """bf16 autocast: ``auto`` uses it where it measured faster than fp32 on this machine
+    (``tunelab env`` shows the rates; on AVX2-only CPUs it is ~100x slower); ``true`` asks for it
+    but falls back to fp32, with a warning, where it measured much slower; ``force`` keeps it
+    anyway; ``false`` trains in fp32."""
     bf16_frozen_weights: bool = True
     """With bf16, store frozen linear weights in bf16 (same matmuls, less memory, no per-step casts)."""
     gradient_checkpointing: bool = False
@@ -151,6 +179,10 @@ class TrainConfig:
     """Stop when eval loss has not improved for this many evaluations."""
     resume: str | None = None
     """``auto`` resumes from the newest checkpoint in output_dir, or give a checkpoint path."""
+    max_time: str | float | None = None
+    """Wall-clock budget for the whole run (``10m``, ``1h30m``, ``90s`` or seconds): the step
+    count is re-planned from measured step, eval and save times so that warm-up, decay, evals
+    and the final save all fit. It only ever shortens the run that epochs/max_steps give."""
 
     def __post_init__(self) -> None:
         if self.save_strategy is False:  # YAML 1.1 reads a bare `no` as false
@@ -158,6 +190,9 @@ class TrainConfig:
         _choice("train", "scheduler", self.scheduler,
                 ("cosine", "linear", "constant", "constant_with_warmup"))
         _choice("train", "save_strategy", self.save_strategy, ("no", "steps", "epoch"))
+        _choice("train", "bf16", self.bf16, (True, False, "auto", "force"))
+        if self.max_time is not None:
+            parse_duration(self.max_time)
 
 
 @dataclass

@@ -94,7 +94,7 @@ def run_config(out: Path, plan: DemoPlan, model_spec: str, seed: int) -> RunConf
                  "cutoff_len": 256},
         "method": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
         "train": {"epochs": plan.epochs, "max_steps": plan.max_steps, "batch_size": 8, "grad_accum": 1,
-                  "lr": 2e-3, "scheduler": "cosine", "warmup_ratio": 0.05, "bf16": True, "seed": seed,
+                  "lr": 2e-3, "scheduler": "cosine", "warmup_ratio": 0.05, "bf16": "auto", "seed": seed,
                   "logging_steps": 5, "save_strategy": "no"},
         "eval": {"batch_size": 16, "max_new_tokens": 32, "preset": "greedy",
                  "max_samples": plan.eval_samples, "output_dir": str(out / "eval")},
@@ -175,7 +175,7 @@ def run_demo(out_dir: str = "runs/demo", quick: bool = False, overwrite: bool = 
     t = _step(2, "self-distilling a general slice: the base model answers general questions")
     _done(t, ", ".join(f"{k}: {v}" for k, v in self_distil(out / "data", plan, model).items()))
     cfg = run_config(out, plan, model, seed)
-    t = _step(3, "LoRA fine-tuning (r16, all projections, bf16 autocast)")
+    t = _step(3, "LoRA fine-tuning (r16, all projections; precision and threads measured)")
     train(cfg)
     _done(t, f"run folder: {out}")
     t = _step(4, "evaluating base and tuned model on held-out data")

@@ -82,6 +82,9 @@ def bertscore(predictions: list[str], references: list[Any], model: str | None =
     """
     import bert_score
 
+    from tunelab.hardware import apply_threads
+
+    apply_threads()  # the encoder runs in fp32 on the CPU, as hardware.inference_dtype("auto") decides there
     folder = _encoder_folder(model or DEFAULT_BERTSCORE_MODEL)
     depth = _num_layers(folder)
     if layer is None:

@@ -134,19 +134,24 @@ def _load_tokenizer(resolved: ResolvedSpec, cfg: ModelConfig, template: str | No
 
 
 def pick_dtype(precision: str, for_training: bool = False):
-    """Map a precision name to a torch dtype; ``auto`` picks what the hardware does well."""
+    """Map a precision name to a torch dtype; ``auto`` asks ``tunelab.hardware``.
+
+    Training keeps fp32 master weights on a CPU whatever bf16 autocast decides
+    (``tunelab.hardware.training_precision``); for inference the same module
+    decides, and warns once when an explicit half precision measured much slower here.
+    """
     import torch
 
-    if precision == "fp32":
-        return torch.float32
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        return torch.float16
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    # On CPU keep fp32 master weights; training uses bf16 autocast on top.
-    return torch.float32
+    from tunelab import hardware
+
+    decision = hardware.inference_dtype(precision)
+    if decision.warning and decision.warning not in _WARNED:
+        _WARNED.add(decision.warning)
+        hardware.warn(decision.warning)
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[decision.value]
+
+
+_WARNED: set[str] = set()
 
 
 def pick_attention(name: str) -> str:
@@ -183,9 +188,12 @@ def load_model(
     Run folders with an adapter come back as a ``PeftModel`` over the base; for
     training, the adapter is trainable. Generation callers get left padding.
     """
+    from tunelab.hardware import apply_threads
+
     cfg = _as_config(spec)
     _check_attention(cfg.attn_implementation)
     resolved = resolve_spec(cfg.name)
+    apply_threads()  # once per process: cores available minus those other processes keep busy
     side = padding_side or ("right" if for_training else "left")
     tokenizer = _load_tokenizer(resolved, cfg, cfg.template or resolved.template, side)
     model = _load_weights(resolved, cfg, dtype or pick_dtype(cfg.precision, for_training), quantization_config)

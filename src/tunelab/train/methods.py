@@ -195,9 +195,12 @@ def _bnb_kwargs(cfg: MethodConfig) -> dict[str, Any]:
 
     if cfg.name == "lora8bit":
         return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True)}
-    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.compute_dtype)
+    name = cfg.compute_dtype
+    if name == "auto":
+        name = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp16"
+    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(name)
     if compute is None:
-        raise TunelabError(f"method.compute_dtype: {cfg.compute_dtype!r} is not one of bf16, fp16")
+        raise TunelabError(f"method.compute_dtype: {cfg.compute_dtype!r} is not one of auto, bf16, fp16")
     # seed 003's QLoRA: 4-bit NF4 weights, double quantization, bf16 compute.
     return {"quantization_config": BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

@@ -69,8 +69,9 @@ def to_dataset(examples: list[dict], packing: bool, max_len: int):
     return Dataset.from_list(rows)
 
 
-def training_arguments(cfg: RunConfig, out: Path, steps_per_epoch: int, has_eval: bool):
-    """Map TrainConfig onto transformers' TrainingArguments."""
+def training_arguments(cfg: RunConfig, out: Path, steps_per_epoch: int, has_eval: bool,
+                       bf16: bool | None = None):
+    """Map TrainConfig onto transformers' TrainingArguments (``bf16``: the hardware decision)."""
     import torch
     from transformers import TrainingArguments
 
@@ -91,7 +92,8 @@ def training_arguments(cfg: RunConfig, out: Path, steps_per_epoch: int, has_eval
         output_dir=str(out / "checkpoints"), num_train_epochs=t.epochs, max_steps=t.max_steps,
         per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.lr, lr_scheduler_type=t.scheduler, warmup_steps=t.warmup_ratio,
-        weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, bf16=t.bf16,
+        weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+        bf16=bool(t.bf16) if bf16 is None else bf16,
         use_cpu=not torch.cuda.is_available(), activation_checkpointing=t.gradient_checkpointing,
         seed=t.seed, data_seed=t.seed, logging_steps=t.logging_steps, logging_first_step=True,
         report_to="none", remove_unused_columns=False, prediction_loss_only=True,
@@ -125,6 +127,7 @@ def _build_trainer(cfg, model, tokenizer, args, train_ds, eval_ds, out, checkpoi
     from transformers import EarlyStoppingCallback, PrinterCallback
 
     from tunelab.train.callbacks import MetricsLogger, ProgressBar, SaveOnInterrupt
+    from tunelab.train.threads import ThreadGovernor
     from tunelab.train.trainer import SFTTrainer
 
     collator = SFTCollator(tokenizer.pad_token_id)
@@ -133,11 +136,24 @@ def _build_trainer(cfg, model, tokenizer, args, train_ds, eval_ds, out, checkpoi
     trainer.remove_callback(PrinterCallback)  # our progress bar shows the logs instead
     metrics = MetricsLogger(out / "metrics.jsonl", trainer, checkpoint_step(checkpoint) if checkpoint else None)
     interrupt = SaveOnInterrupt()
-    for cb in [metrics, ProgressBar(metrics), interrupt, *(callbacks or [])]:
+    for cb in [metrics, ProgressBar(metrics), interrupt, ThreadGovernor(say=_say), *(callbacks or [])]:
         trainer.add_callback(cb)
     if cfg.train.early_stopping_patience and eval_ds is not None:
         trainer.add_callback(EarlyStoppingCallback(cfg.train.early_stopping_patience))
     return trainer, metrics, interrupt
+
+
+def decide_hardware(cfg: RunConfig):
+    """Threads and training precision for this run, decided from the measured machine."""
+    from tunelab import hardware
+
+    threads = hardware.apply_threads()
+    precision = hardware.training_precision(cfg.model.precision, cfg.train.bf16)
+    if precision.warning:
+        hardware.warn(precision.warning)
+    _say(f"hardware: {'bf16 autocast' if precision.value == 'bf16' else 'fp32'} ({precision.reason}); "
+         f"{threads.threads} thread(s) ({threads.reason})")
+    return precision, threads
 
 
 def _say(text: str) -> None:
@@ -154,8 +170,10 @@ def train(cfg: RunConfig, callbacks: list | None = None) -> Path:
     from transformers import set_seed
 
     from tunelab.models import load_model, load_tokenizer
+    from tunelab.train.budget import from_config
 
     started = time.monotonic()
+    budget = from_config(cfg.train)  # loading the data and the model counts against train.max_time
     method = get_method(cfg.method.name)
     if method.preflight:
         method.preflight(cfg.method)  # before any slow load: fail fast on this machine
@@ -168,17 +186,22 @@ def train(cfg: RunConfig, callbacks: list | None = None) -> Path:
          + (f"; packed into {len(train_ds)} rows" if cfg.data.packing else ""))
     per_step = cfg.train.batch_size * cfg.train.grad_accum * int(os.environ.get("WORLD_SIZE", "1"))
     # TrainingArguments before the model: under DeepSpeed ZeRO-3 it makes loading sharded.
-    args = training_arguments(cfg, out, max(1, math.ceil(len(train_ds) / per_step)), eval_ds is not None)
+    precision, threads = decide_hardware(cfg)
+    args = training_arguments(cfg, out, max(1, math.ceil(len(train_ds) / per_step)), eval_ds is not None,
+                              bf16=precision.value == "bf16")
     set_seed(cfg.train.seed)  # adapter initialisation is random: same seed, same start
     extra = method.load_kwargs(cfg.method) if method.load_kwargs else {}
     model, tokenizer = load_model(cfg.model, for_training=True, **extra)
     model = method.prepare(model, cfg.method)
-    if cfg.train.bf16 and cfg.train.bf16_frozen_weights:
+    if precision.value == "bf16" and cfg.train.bf16_frozen_weights:
         import torch
 
         store_frozen_linears(model, torch.bfloat16)
     if cfg.train.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()  # frozen embeddings would cut the graph otherwise
+    if budget is not None:
+        budget.eval_rows = len(eval_ex)
+        callbacks = [budget, *(callbacks or [])]
     trainer, metrics, interrupt = _build_trainer(
         cfg, model, tokenizer, args, train_ds, eval_ds, out, checkpoint, callbacks)
     if checkpoint:
@@ -196,6 +219,11 @@ def train(cfg: RunConfig, callbacks: list | None = None) -> Path:
              f"({'packed' if cfg.data.packing else 'padded'} rows)")
     summary = _summary(trainer, metrics, started, {
         "trainable": trainable_line(trainer.model), "train_examples": len(train_ex),
-        "eval_examples": len(eval_ex), "encode": encode_summary})
+        "eval_examples": len(eval_ex), "encode": encode_summary,
+        "precision": f"{'bf16 autocast' if precision.value == 'bf16' else 'fp32'} ({precision.reason})",
+        "threads": f"{threads.threads} ({threads.reason})"})
+    if budget is not None:
+        summary["time_budget"] = budget.describe()
+        _say(summary["time_budget"])
     save_run(trainer, tokenizer, cfg, out, summary, metrics.records)
     return out

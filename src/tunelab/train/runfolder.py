@@ -127,8 +127,12 @@ def write_readme(out: Path, cfg: RunConfig, summary: dict[str, Any], records: li
                  "real tokens/s"),
         ("final train loss", _fmt(_last(records, "loss"))),
         ("final eval loss", _fmt(_last(records, "eval_loss"))),
-        ("precision", "bf16 autocast" if cfg.train.bf16 else "fp32"),
+        ("precision", summary.get("precision") or f"train.bf16={cfg.train.bf16}"),
+        ("threads", summary.get("threads", "—")),
     ]
+    if summary.get("time_budget"):
+        after_steps = 1 + [key for key, _ in rows].index("steps")
+        rows.insert(after_steps, ("time budget", summary["time_budget"].removeprefix("time budget ")))
     lines = [f"# Run `{out.name}`", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {str(v).replace('|', chr(92) + '|')} |" for k, v in rows]  # "||" would split cells
     lines += ["", "![loss](loss.png)", "",
