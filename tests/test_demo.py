@@ -50,3 +50,16 @@ def test_quick_demo_end_to_end(tmp_path):
     assert set(base) >= {"em", "icd_chapter_acc", "bleu4", "rougeL"}
     assert tuned["rougeL"] > base["rougeL"]  # even 12 steps move the answers towards the standard terms
     assert "keyword_acc" in next(iter(saved["results"]["general_check"].values()))
+
+
+def test_demo_budget_leaves_training_what_data_and_the_estimated_evaluation_do_not_take():
+    from tunelab.demo.pipeline import MIN_TRAIN_SECONDS, DemoPlan, training_budget
+
+    plan = DemoPlan(general_questions=32, max_seconds=900)
+    sizes = {"train": 507, "validation": 38, "test": 112}
+    # distillation: 32 prompts x 48 slots in 20 s; evaluation: 2 x (150 x 32 + 16 x 48) slots
+    expected_eval = 1.25 * 20 * 2 * (150 * 32 + 16 * 48) / (32 * 48)
+    assert training_budget(plan, 60, 20, sizes) == pytest.approx(900 - 60 - expected_eval)
+    assert training_budget(plan, 890, 20, sizes) == MIN_TRAIN_SECONDS  # always some training
+    assert training_budget(DemoPlan(max_seconds=None), 60, 20, sizes) is None
+    assert DemoPlan.quick().max_seconds is None  # the quick demo trains its fixed 12 steps

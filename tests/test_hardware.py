@@ -189,8 +189,7 @@ def test_env_prints_tables(tmp_path):
         assert text in done.stdout
 
 
-def test_training_with_bf16_true_on_a_slow_cpu_warns_once_and_trains_fp32(
-        tmp_path, tiny_llama, tiny_tokenizer, monkeypatch, capsys):
+def test_training_with_bf16_true_on_a_slow_cpu_warns_once_and_trains_fp32(tmp_path, tiny_dir, monkeypatch, capsys):
     from transformers import TrainerCallback
 
     from tunelab.train import train
@@ -201,15 +200,12 @@ def test_training_with_bf16_true_on_a_slow_cpu_warns_once_and_trains_fp32(
             layer = next(m for n, m in model.named_modules() if n.endswith("q_proj.base_layer"))
             layer.register_forward_hook(lambda mod, inp, out: self.seen.add((out.dtype, mod.weight.dtype)))
 
-    folder = tmp_path / "tiny"
-    tiny_llama.save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"instruction": f"say {i}", "output": f"{i}"}) + "\n" for i in range(8)),
                     encoding="utf-8")
     monkeypatch.setattr(hardware, "_PROBE", SLOW)
     watch = Dtypes()
-    out = train(load_config(None, [f"model.name={folder}", f"data.train=[{data}]", f"output_dir={tmp_path / 'run'}",
+    out = train(load_config(None, [f"model.name={tiny_dir}", f"data.train=[{data}]", f"output_dir={tmp_path / 'run'}",
                                    "train.bf16=true", "train.max_steps=2", "train.batch_size=4"]), callbacks=[watch])
     err = capsys.readouterr().err
     assert err.count("warning: train.bf16=true, but bf16 matmul 1.3 GFLOP/s vs fp32 150.0") == 1

@@ -16,15 +16,9 @@ from tunelab.config import load_config, parse_duration
 from tunelab.errors import TunelabError
 from tunelab.train import budget, train
 
+from test_train_engine import StopAt  # noqa: E402  (tests are on sys.path: pytest prepends their folder)
+
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tiny_llama, tiny_tokenizer):
-    folder = tmp_path_factory.mktemp("tiny_model")
-    tiny_llama.save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -76,15 +70,6 @@ class Tick(TrainerCallback):
 
     def on_train_end(self, args, state, control, lr_scheduler=None, **kwargs):
         self.end_lr = lr_scheduler.get_last_lr()[0]
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 def run(tiny_dir, data_file, out, *overrides, callbacks=()):

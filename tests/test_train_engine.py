@@ -28,14 +28,6 @@ def one_thread(request):
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tiny_llama, tiny_tokenizer):
-    folder = tmp_path_factory.mktemp("tiny_model")
-    tiny_llama.save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
     """A small learnable task: copy a word in upper case (Chinese unchanged)."""
     rng = random.Random(0)

@@ -11,11 +11,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--quick", action="store_true", help="a ~3 minute version (smaller data, fewer steps)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing demo run in --out")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--max-time", default="plan", metavar="DURATION",
+                        help="wall-clock budget for the whole demo (default 15m; none = train every "
+                             "planned step however long it takes)")
     parser.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
+    from tunelab.config import parse_duration
     from tunelab.demo.pipeline import run_demo
 
-    run_demo(args.out, quick=args.quick, overwrite=args.overwrite, seed=args.seed)
+    budget = args.max_time
+    if budget not in ("plan", "none"):
+        budget = parse_duration(budget, "--max-time")
+    run_demo(args.out, quick=args.quick, overwrite=args.overwrite, seed=args.seed,
+             max_seconds=None if budget == "none" else budget)
     return 0

@@ -37,10 +37,38 @@ class DemoPlan:
     epochs: float = 3.0
     max_steps: int = -1
     eval_samples: int | None = None
+    max_seconds: float | None = 15 * 60
+    """Wall-clock budget for the whole demo: training gets what data building and the
+    (estimated) evaluation leave, through ``train.max_time``, so a slow or busy machine
+    still gets a finished schedule and a report in time. None = no budget."""
 
     @classmethod
     def quick(cls) -> "DemoPlan":
-        return cls(max_codes=24, general_questions=8, epochs=1.0, max_steps=12, eval_samples=16)
+        return cls(max_codes=24, general_questions=8, epochs=1.0, max_steps=12, eval_samples=16,
+                   max_seconds=None)
+
+
+DISTIL_NEW_TOKENS, EVAL_NEW_TOKENS, GENERAL_EVAL_NEW_TOKENS = 48, 32, 48
+MIN_TRAIN_SECONDS = 60.0
+
+
+def training_budget(plan: DemoPlan, elapsed: float, distil_seconds: float, sizes: dict[str, int]) -> float | None:
+    """Seconds left for training: the plan's budget minus what has run and what evaluation will take.
+
+    Evaluation is estimated from the self-distillation just measured on this machine: the
+    same model and generation code, so its seconds per generated-token slot carry over
+    (two models, every held-out prompt, plus a 25% margin).
+    """
+    if plan.max_seconds is None:
+        return None
+    def rows(n: int) -> int:
+        return n if plan.eval_samples is None else min(n, plan.eval_samples)
+    slots_done = plan.general_questions * DISTIL_NEW_TOKENS
+    domain = rows(sizes.get("test", 0)) + rows(sizes.get("validation", 0))
+    general = rows(plan.general_questions // 2)
+    slots_eval = 2 * (domain * EVAL_NEW_TOKENS + general * GENERAL_EVAL_NEW_TOKENS)
+    eval_seconds = 1.25 * distil_seconds * slots_eval / max(slots_done, 1)
+    return max(MIN_TRAIN_SECONDS, plan.max_seconds - elapsed - eval_seconds)
 
 
 def _step(number: int, text: str) -> float:
@@ -67,7 +95,7 @@ def self_distil(data_dir: Path, plan: DemoPlan, model_spec: str) -> dict[str, in
 
     questions = GENERAL_QUESTIONS[: plan.general_questions]
     model, tokenizer = load_model(model_spec)
-    settings = from_preset("greedy", max_new_tokens=48)
+    settings = from_preset("greedy", max_new_tokens=DISTIL_NEW_TOKENS)
     answers = generate(model, tokenizer, [[{"role": "user", "content": q}] for q, _ in questions],
                        settings, batch_size=16)
     del model
@@ -96,7 +124,7 @@ def run_config(out: Path, plan: DemoPlan, model_spec: str, seed: int) -> RunConf
         "train": {"epochs": plan.epochs, "max_steps": plan.max_steps, "batch_size": 8, "grad_accum": 1,
                   "lr": 2e-3, "scheduler": "cosine", "warmup_ratio": 0.05, "bf16": "auto", "seed": seed,
                   "logging_steps": 5, "save_strategy": "no"},
-        "eval": {"batch_size": 16, "max_new_tokens": 32, "preset": "greedy",
+        "eval": {"batch_size": 16, "max_new_tokens": EVAL_NEW_TOKENS, "preset": "greedy",
                  "max_samples": plan.eval_samples, "output_dir": str(out / "eval")},
     }
     return build(RunConfig, values)
@@ -116,7 +144,7 @@ def evaluate_both(cfg: RunConfig, out: Path) -> dict[str, Any]:
     general = copy.deepcopy(domain)
     general.eval.datasets = ["general_check"]
     general.eval.metrics = ["keyword"]
-    general.eval.max_new_tokens = 48
+    general.eval.max_new_tokens = GENERAL_EVAL_NEW_TOKENS
     general.eval.output_dir = str(out / "eval" / "general")
     report = evaluate(domain)
     extra = evaluate(general)
@@ -157,8 +185,10 @@ def print_summary(report: dict[str, Any], out: Path) -> None:
 
 
 def run_demo(out_dir: str = "runs/demo", quick: bool = False, overwrite: bool = False,
-             model: str = DEFAULT_MODEL, seed: int = 42) -> dict[str, Any]:
-    """Run the whole demo; returns the before/after report (also in OUT/eval/report.json)."""
+             model: str = DEFAULT_MODEL, seed: int = 42, max_seconds: float | None | str = "plan") -> dict[str, Any]:
+    """Run the whole demo; returns the before/after report (also in OUT/eval/report.json).
+
+    ``max_seconds`` overrides the plan's wall-clock budget (None: no budget)."""
     from tunelab.train import train
     from tunelab.train.runfolder import holds_run
 
@@ -168,6 +198,8 @@ def run_demo(out_dir: str = "runs/demo", quick: bool = False, overwrite: bool = 
             raise TunelabError(f"{out} already holds a demo run; pass --overwrite or choose --out DIR")
         shutil.rmtree(out)
     plan = DemoPlan.quick() if quick else DemoPlan()
+    if max_seconds != "plan":
+        plan.max_seconds = max_seconds
     started = time.perf_counter()
     t = _step(1, "building ICD-10-CM term normalisation data (simple-icd-10-cm, offline)")
     sizes = build_data(out / "data", plan, seed)
@@ -175,6 +207,11 @@ def run_demo(out_dir: str = "runs/demo", quick: bool = False, overwrite: bool = 
     t = _step(2, "self-distilling a general slice: the base model answers general questions")
     _done(t, ", ".join(f"{k}: {v}" for k, v in self_distil(out / "data", plan, model).items()))
     cfg = run_config(out, plan, model, seed)
+    budget = training_budget(plan, time.perf_counter() - started, time.perf_counter() - t, sizes)
+    if budget is not None:
+        cfg.train.max_time = round(budget)
+        print(f"      training may take up to {budget / 60:.1f} min of the demo's "
+              f"{plan.max_seconds / 60:.0f} min (evaluation estimated from the distillation's speed)", flush=True)
     t = _step(3, "LoRA fine-tuning (r16, all projections; precision and threads measured)")
     train(cfg)
     _done(t, f"run folder: {out}")
