@@ -66,8 +66,27 @@ def machine_info() -> dict[str, Any]:
     return {
         "cpu": cpu, "logical_cpus": os.cpu_count(), "avx512_bf16": "avx512_bf16" in flags,
         "amx": "amx_bf16" in flags, "torch": torch.__version__, "transformers": transformers.__version__,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+        **{k: os.environ[k] for k in EMULATION_ENV if k in os.environ},
     }
+
+
+# ------------------------------------------------------------------ the CPU kind
+
+EMULATION_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+"""Set before torch is imported, these make torch dispatch as on an AVX2-only CPU."""
+EMULATED_ON_ENV = "TUNELAB_BENCH_EMULATED_ON"
+"""Set by ``run.py --emulate-avx2`` to the real CPU kind before it re-executes itself."""
+
+
+def cpu_kind(probe) -> str:
+    """The CPU kind every benchmark output names: the probe's, or what it emulates and on what."""
+    real = os.environ.get(EMULATED_ON_ENV)
+    if real:
+        return f"AVX2 (emulated on {real})"
+    forced = [f"{k}={os.environ[k]}" for k in EMULATION_ENV if os.environ.get(k)]
+    return probe.kind + (f" ({', '.join(forced)} set)" if forced else "")
 
 
 # ------------------------------------------------------------------ data
@@ -156,17 +175,22 @@ def model_path(spec: str) -> str:
 # ------------------------------------------------------------------ child processes
 
 
-def run_child(script: str, args: list[str], timeout: float = 3600, threads: int | None = None) -> dict[str, Any]:
+def run_child(script: str, args: list[str], timeout: float = 3600, threads: int | None = None,
+              env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``python benchmarks/SCRIPT ARGS`` in a fresh process; return its last-line JSON.
 
-    ``threads`` pins the child's intra-op threads (default: torch's own choice, all cores).
+    The child inherits this process's environment (``--emulate-avx2``'s variables
+    included) plus ``env``. ``threads`` pins its intra-op threads for torch
+    (``OMP_NUM_THREADS``) and for tunelab (``$TUNELAB_THREADS``); without it torch
+    uses all cores and tunelab chooses from the free ones.
     """
     cmd = [sys.executable, str(HERE / script), *args]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])),
-               TOKENIZERS_PARALLELISM="false")
+    full_env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"),
+                                                                           os.environ.get("PYTHONPATH")])),
+                    TOKENIZERS_PARALLELISM="false", **(env or {}))
     if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+        full_env.update(OMP_NUM_THREADS=str(threads), TUNELAB_THREADS=str(threads))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     if proc.returncode != 0 or not lines or not lines[-1].startswith("{"):
         tail = "\n".join((proc.stderr or proc.stdout).splitlines()[-25:])
@@ -213,6 +237,7 @@ def step_timer_callback():
     for any Trainer without touching the contender's code. Dataloaders prefetch a batch,
     so counts are kept per micro-batch in order and assigned to steps by position.
     """
+    import torch
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
@@ -222,11 +247,15 @@ def step_timer_callback():
             self.train_begin = None
             self.rss_at_start = 0.0
             self.model = None
+            self.precision = "fp32"
+            self.threads: list[int] = []  # intra-op threads when training began and ended
 
         def on_train_begin(self, args, state, control, train_dataloader=None, model=None, **kwargs):
             self.train_begin = time.perf_counter()
             self.rss_at_start = current_rss_mb()  # model loaded, data prepared, nothing trained yet
             self.model = model  # kept for the parameter counts of the FLOP formulas
+            self.precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+            self.threads.append(torch.get_num_threads())
             loader = train_dataloader
             inner = getattr(loader, "base_dataloader", loader)
             for target in {id(loader): loader, id(inner): inner}.values():
@@ -245,6 +274,9 @@ def step_timer_callback():
         def on_step_end(self, args, state, control, **kwargs):
             self.step_ends.append(time.perf_counter())
 
+        def on_train_end(self, args, state, control, **kwargs):
+            self.threads.append(torch.get_num_threads())
+
         def summary(self, grad_accum: int, warmup: int = 1) -> dict[str, Any]:
             """Throughput over steps ``warmup+1 .. N`` (the first steps warm caches up)."""
             steps = len(self.step_ends)
@@ -260,6 +292,8 @@ def step_timer_callback():
                 "s_per_step": seconds / (steps - warmup), "padding_fraction": 1 - real / max(slots, 1),
                 "warmup_seconds": self.step_ends[warmup - 1] - self.train_begin,
                 "rss_at_train_start_mb": self.rss_at_start,
+                "precision": self.precision, "threads": self.threads[0] if self.threads else None,
+                "threads_at_end": self.threads[-1] if self.threads else None,
             }
 
     return StepTimer()

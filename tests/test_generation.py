@@ -187,3 +187,169 @@ def test_hand_written_templates_bring_their_stop_strings(make_tiny_tokenizer):
 def test_one_conversation_instead_of_a_list_is_explained(model, tiny_tokenizer):
     with pytest.raises(TunelabError, match="pass a list of prompts"):
         generate(model, tiny_tokenizer, PROMPTS[0], progress=False)
+
+
+# ---------------------------------------------------------------- the greedy fast path
+
+SYSTEM = {"role": "system", "content": "You are a doctor. Answer the patient in one short sentence, please."}
+SHARED_PREFIX_PROMPTS = [
+    [SYSTEM, {"role": "user", "content": "Hello"}],
+    [SYSTEM, {"role": "user", "content": "The patient has a fever and a cough. What should he do?"}],
+    [SYSTEM, {"role": "user", "content": "孕妇感冒发烧38度应该怎么办呢?"}],
+    [SYSTEM, {"role": "user", "content": "thank you"}],
+    [SYSTEM, {"role": "user", "content": "What is the capital of France?"}],
+]
+
+
+def _reference(model, ids, max_new_tokens, eos_id, min_new_tokens=0):
+    """transformers' greedy generate for one unpadded prompt, cut after eos."""
+    import torch
+
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                             eos_token_id=eos_id, pad_token_id=eos_id)
+    new = out[0, len(ids):].tolist()
+    return new[:new.index(eos_id) + 1] if eos_id in new else new
+
+
+def _fast(model, prompt_ids, max_new_tokens, eos_id, min_new_tokens=0):
+    """greedy_decode's tokens per row, and the batch size of every forward pass."""
+    import torch
+
+    from tunelab.greedy import greedy_decode
+
+    tokens = [[] for _ in prompt_ids]
+    sizes = []
+    hook = model.register_forward_pre_hook(lambda _m, _a, kw: sizes.append(kw["input_ids"].shape),
+                                           with_kwargs=True)
+
+    def push(row, token):
+        tokens[row].append(token)
+        return token == eos_id or len(tokens[row]) >= max_new_tokens
+
+    try:
+        with torch.inference_mode():
+            greedy_decode(model, prompt_ids, push, max_new_tokens=max_new_tokens, pad_id=0,
+                          eos_ids={eos_id}, min_new_tokens=min_new_tokens)
+    finally:
+        hook.remove()
+    return tokens, sizes
+
+
+def _eos_that_ends_rows_early(model, prompt_ids, max_new_tokens):
+    """A token id the model emits mid-answer in some rows (not all): declared eos, rows end at different steps."""
+    free = [_reference(model, ids, max_new_tokens, eos_id=-1) for ids in prompt_ids]
+    firsts = {}
+    for answer in free:
+        for step, token in enumerate(answer[1:max_new_tokens - 2], start=1):
+            firsts.setdefault(token, set()).add(step)
+    token = max(firsts, key=lambda t: (len(firsts[t]), -min(firsts[t])))
+    assert len(firsts[token]) > 1, "the fixture should give rows that end at different steps"
+    return token
+
+
+def test_fast_greedy_gives_model_generate_tokens(model, tiny_tokenizer):
+    from tunelab.greedy import shared_prefix_length
+
+    prompt_ids = [render_prompt(tiny_tokenizer, p) for p in SHARED_PREFIX_PROMPTS]
+    assert len({len(ids) for ids in prompt_ids}) == len(prompt_ids), "mixed prompt lengths"
+    shared = shared_prefix_length(prompt_ids)
+    assert shared > 10, "the system prompt is encoded once"
+    eos_id = _eos_that_ends_rows_early(model, prompt_ids, 16)
+    expected = [_reference(model, ids, 16, eos_id) for ids in prompt_ids]
+    assert len({len(answer) for answer in expected}) > 1, "rows finish at different steps"
+
+    tokens, sizes = _fast(model, prompt_ids, 16, eos_id)
+    assert tokens == expected
+    # prefix once (1 row), then every row's own tokens, then one token per running row
+    assert sizes[0] == (1, shared) and sizes[1][0] == len(prompt_ids)
+    rows_per_step = [size[0] for size in sizes[2:]]
+    assert rows_per_step == sorted(rows_per_step, reverse=True) and rows_per_step[-1] < len(prompt_ids)
+    assert len(sizes) == 1 + max(len(answer) for answer in expected), "the batch ends with its longest row"
+
+
+def test_fast_greedy_min_new_tokens_and_single_row(model, tiny_tokenizer):
+    prompt_ids = [render_prompt(tiny_tokenizer, p) for p in SHARED_PREFIX_PROMPTS]
+    eos_id = _eos_that_ends_rows_early(model, prompt_ids, 16)
+    expected = [_reference(model, ids, 16, eos_id, min_new_tokens=6) for ids in prompt_ids]
+    assert all(len(answer) >= 6 for answer in expected)
+    assert _fast(model, prompt_ids, 16, eos_id, min_new_tokens=6)[0] == expected
+    for ids, answer in zip(prompt_ids[:2], expected):  # one row: no prefix pass, no padding
+        tokens, sizes = _fast(model, [ids], 16, eos_id, min_new_tokens=6)
+        assert tokens == [answer] and sizes[0] == (1, len(ids))
+
+
+def test_generate_fast_path_equals_transformers_path(model, tiny_tokenizer):
+    full = generate(model, tiny_tokenizer, SHARED_PREFIX_PROMPTS, GenerationSettings(max_new_tokens=20, min_new_tokens=20),
+                    progress=False)
+    stops = tuple(r.text[len(r.text) // 2:len(r.text) // 2 + 2] for r in full[:2])
+    for settings in [GenerationSettings(max_new_tokens=12),
+                     GenerationSettings(max_new_tokens=20, min_new_tokens=3, stop=stops)]:
+        fast = generate(model, tiny_tokenizer, SHARED_PREFIX_PROMPTS + PROMPTS, settings, batch_size=4,
+                        progress=False)
+        slow = generate(model, tiny_tokenizer, SHARED_PREFIX_PROMPTS + PROMPTS, settings, batch_size=4,
+                        progress=False, fast_greedy=False)
+        assert [dataclass_tuple(r) for r in fast] == [dataclass_tuple(r) for r in slow]
+    assert {r.finish_reason for r in fast} == {"stop", "length"}, "stop strings cut some rows, others run out"
+
+
+def dataclass_tuple(result):
+    return result.text, result.prompt_tokens, result.completion_tokens, result.finish_reason
+
+
+def test_batches_of_a_call_share_one_prefix_pass(model, tiny_tokenizer):
+    from tunelab.greedy import shared_prefix_length
+
+    settings = GenerationSettings(max_new_tokens=10)
+    shared = shared_prefix_length([render_prompt(tiny_tokenizer, p) for p in SHARED_PREFIX_PROMPTS])
+    sizes = []
+    hook = model.register_forward_pre_hook(lambda _m, _a, kw: sizes.append(tuple(kw["input_ids"].shape)),
+                                           with_kwargs=True)
+    try:
+        fast = generate(model, tiny_tokenizer, SHARED_PREFIX_PROMPTS, settings, batch_size=2, progress=False)
+    finally:
+        hook.remove()
+    slow = generate(model, tiny_tokenizer, SHARED_PREFIX_PROMPTS, settings, batch_size=2, progress=False,
+                    fast_greedy=False)
+    assert [dataclass_tuple(r) for r in fast] == [dataclass_tuple(r) for r in slow]
+    assert sizes[0] == (1, shared) and sizes.count((1, shared)) == 1
+    assert max(rows for rows, _ in sizes) == 2
+    assert sum(1 for rows, width in sizes if width > 1) == 1 + 3, "the prefix, then one prefill per batch"
+
+
+def test_fast_path_per_row_limits_and_callbacks(model, tiny_tokenizer):
+    ids = [render_prompt(tiny_tokenizer, p) for p in SHARED_PREFIX_PROMPTS[:3]]
+    settings = GenerationSettings(max_new_tokens=10)
+    done_order, texts = [], {0: "", 1: "", 2: ""}
+    results = generate_ids(model, tiny_tokenizer, ids, settings, limits=[3, 10, 6],
+                           on_text=lambda row, piece: texts.__setitem__(row, texts[row] + piece),
+                           on_done=lambda row, result: done_order.append(row))
+    slow = generate_ids(model, tiny_tokenizer, ids, settings, limits=[3, 10, 6], fast_greedy=False)
+    assert [dataclass_tuple(r) for r in results] == [dataclass_tuple(r) for r in slow]
+    assert [r.completion_tokens for r in results] == [3, 10, 6]
+    assert done_order == [0, 2, 1] and [texts[i] for i in range(3)] == [r.text for r in results]
+
+
+def test_settings_the_fast_path_cannot_honour_use_transformers(model, tiny_tokenizer, monkeypatch):
+    import copy
+
+    from tunelab import generation
+    from tunelab.greedy import fast_greedy_applies
+
+    assert fast_greedy_applies(model)
+    assert not fast_greedy_applies(model, repetition_penalty=1.2)
+    banned = copy.deepcopy(model)
+    banned.generation_config.no_repeat_ngram_size = 2
+    assert not fast_greedy_applies(banned)
+
+    def no_fast_path(*args, **kwargs):
+        raise AssertionError("greedy_decode must not run here")
+
+    monkeypatch.setattr(generation, "greedy_decode", no_fast_path)
+    for settings in [GenerationSettings(max_new_tokens=6, repetition_penalty=1.3),
+                     from_preset("sampling", max_new_tokens=6, seed=1), from_preset("beam", max_new_tokens=6)]:
+        (result,) = generate(model, tiny_tokenizer, PROMPTS[:1], settings, progress=False)
+        assert 1 <= result.completion_tokens <= 6
+    (result,) = generate(banned, tiny_tokenizer, PROMPTS[:1], GenerationSettings(max_new_tokens=6), progress=False)
+    assert 1 <= result.completion_tokens <= 6

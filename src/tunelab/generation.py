@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 from tunelab.errors import TunelabError
+from tunelab.greedy import fast_greedy_applies, greedy_decode
 from tunelab.stops import StopFilter, template_stops
 
 FALLBACK_REPLY = (
@@ -196,12 +197,13 @@ def check_context(model, prompt_len: int, max_new_tokens: int, where: str = "pro
 
 
 class _Rows:
-    """Per-row bookkeeping during one ``model.generate`` call.
+    """Per-row bookkeeping while prompts are generated.
 
-    Used as a transformers stopping criterion: called after every step with the
-    sequences so far, it decodes each live row's newest token, passes the text through
-    the row's ``StopFilter``, and reports which rows are done (eos, stop string, their
-    own token limit, or cancelled), so finished rows stop while the others go on.
+    ``push(row, token)`` is fed by the greedy loop (``tunelab.greedy``), or after every
+    step of ``model.generate`` through ``criterion(rows)``. Either way it decodes the
+    row's newest token, passes the text through the row's ``StopFilter``, and reports
+    whether the row is done (eos, stop string, its own token limit, or cancelled), so
+    finished rows stop while the others go on.
     ``on_text(row, piece)`` gets text as it becomes final, ``on_done(row, result)`` fires
     once per row the moment that row finishes.
     """
@@ -216,14 +218,23 @@ class _Rows:
         self.filters = [StopFilter(stops) for _ in range(n)]
         self.results: list[GenerationResult | None] = [None] * n
 
-    def __call__(self, input_ids, scores=None, **kwargs):
+    def criterion(self, members: list[int]):
+        """A transformers stopping criterion for a ``model.generate`` call over rows ``members``."""
         import torch
 
-        for row in range(len(self.limits)):
-            self.push(row, int(input_ids[row, -1]))
-        return torch.tensor([r is not None for r in self.results], device=input_ids.device)
+        def done(input_ids, scores=None, **kwargs):
+            for local, row in enumerate(members):
+                self.push(row, int(input_ids[local, -1]))
+            return torch.tensor([self.results[row] is not None for row in members], device=input_ids.device)
 
-    def push(self, row: int, token: int) -> None:
+        return done
+
+    def push(self, row: int, token: int) -> bool:
+        """Take ``row``'s next token; True once the row is finished."""
+        self._advance(row, token)
+        return self.results[row] is not None
+
+    def _advance(self, row: int, token: int) -> None:
         if self.results[row] is not None:
             return
         if self.cancel is not None and self.cancel[row] is not None and self.cancel[row].is_set():
@@ -303,12 +314,18 @@ def generate_ids(
     on_text: Callable[[int, str], None] | None = None,
     on_done: Callable[[int, GenerationResult], None] | None = None,
     cancel: Sequence[threading.Event | None] | None = None,
+    max_rows: int | None = None,
+    fast_greedy: bool = True,
 ) -> list[GenerationResult]:
-    """Generate for one batch of tokenised prompts in a single ``model.generate`` call.
+    """Generate for tokenised prompts, at most ``max_rows`` rows at once (default: all).
 
     ``limits`` gives each row its own max_new_tokens (default: the settings'). From this
     thread, ``on_text(row, piece)`` gets text as it becomes final and ``on_done(row,
     result)`` fires when a row finishes; setting ``cancel[row]`` stops that row.
+    Greedy decoding runs tunelab's own loop (``tunelab.greedy``: same tokens; a finished
+    row leaves the batch and the next prompt takes its place; a shared prompt prefix is
+    encoded once) where it applies. Sampling, beam search, repetition penalty and
+    ``fast_greedy=False`` use one ``model.generate`` call per ``max_rows`` prompts.
     """
     import torch
 
@@ -320,32 +337,49 @@ def generate_ids(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise TunelabError("the tokenizer has neither a pad nor an eos token")
-    width = max(len(ids) for ids in prompt_ids)
-    if width == 0:
+    if max(len(ids) for ids in prompt_ids) == 0:
         raise TunelabError("generation: empty prompt (no tokens)")
-    # Left padding: every row's last prompt token sits at the same position, where decoding starts.
-    input_ids = torch.tensor([[pad_id] * (width - len(ids)) + list(ids) for ids in prompt_ids])
-    attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompt_ids])
-    device = getattr(model, "device", torch.device("cpu"))
     eos = eos_token_ids(model, tokenizer)
     stops = tuple(settings.stop) + template_stops(tokenizer)
     rows = _Rows(tokenizer, [len(ids) for ids in prompt_ids], limits, stops, eos, on_text, on_done, cancel)
-    kwargs = _generation_kwargs(settings, max(limits), pad_id, eos)
+    max_rows = max_rows or len(prompt_ids)
+    model.eval()
+    with torch.inference_mode():
+        if fast_greedy and settings.greedy and settings.num_beams == 1 and fast_greedy_applies(
+                model, settings.repetition_penalty):
+            greedy_decode(model, prompt_ids, rows.push, max_new_tokens=max(limits), pad_id=pad_id,
+                          eos_ids=eos, min_new_tokens=settings.min_new_tokens, max_rows=max_rows)
+        else:
+            for start in range(0, len(prompt_ids), max_rows):
+                members = range(start, min(start + max_rows, len(prompt_ids)))
+                _transformers_generate(model, prompt_ids, rows, list(members), settings, pad_id, eos)
+    # Rows still open here ran into their token limit.
+    return [rows.finish(row, "length") for row in range(len(prompt_ids))]
+
+
+def _transformers_generate(model, prompt_ids, rows: _Rows, members: list[int], settings: GenerationSettings,
+                           pad_id: int, eos: set[int]) -> None:
+    """One ``model.generate`` call for the ``members`` rows; ``rows`` sees every token."""
+    import torch
+
+    batch = [prompt_ids[row] for row in members]
+    width = max(len(ids) for ids in batch)
+    # Left padding: every row's last prompt token sits at the same position, where decoding starts.
+    input_ids = torch.tensor([[pad_id] * (width - len(ids)) + list(ids) for ids in batch])
+    attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
+    device = getattr(model, "device", torch.device("cpu"))
+    kwargs = _generation_kwargs(settings, max(rows.limits[row] for row in members), pad_id, eos)
     if settings.num_beams == 1:
         from transformers import StoppingCriteriaList
 
-        kwargs["stopping_criteria"] = StoppingCriteriaList([rows])
+        kwargs["stopping_criteria"] = StoppingCriteriaList([rows.criterion(members)])
     if settings.seed is not None:
         torch.manual_seed(settings.seed)
-    model.eval()
-    with torch.inference_mode():
-        output = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
+    output = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
     if settings.num_beams > 1:  # no per-step hook in beam search: replay the winners
-        for row in range(len(prompt_ids)):
-            for token in output[row, width:].tolist():
+        for local, row in enumerate(members):
+            for token in output[local, width:].tolist():
                 rows.push(row, token)
-    # Rows still open here ran into generate's own max length.
-    return [rows.finish(row, "length") for row in range(len(prompt_ids))]
 
 
 # ---------------------------------------------------------------- many prompts
@@ -358,11 +392,15 @@ def generate(
     settings: GenerationSettings | None = None,
     batch_size: int = 8,
     progress: bool = True,
+    fast_greedy: bool = True,
 ) -> list[GenerationResult]:
     """Answers for ``prompts`` (chat message lists or raw strings), in input order.
 
-    Prompts are sorted by length (longest first) and generated ``batch_size`` at a time,
-    so each batch pads little; a progress bar counts prompts.
+    Prompts are sorted by length (longest first) and generated ``batch_size`` rows at a
+    time, so batches pad little; with greedy decoding a finished row's place goes to the
+    next prompt at once. A progress bar counts prompts. ``fast_greedy=False`` decodes
+    greedy batches with transformers' ``generate`` instead of tunelab's loop (same
+    tokens, slower; for comparisons).
     """
     from tqdm.auto import tqdm
 
@@ -377,12 +415,10 @@ def generate(
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     results: list[GenerationResult | None] = [None] * len(encoded)
     with tqdm(total=len(encoded), desc="generating", unit="prompt", disable=not progress) as bar:
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            answers = generate_ids(model, tokenizer, [encoded[i] for i in chunk], settings)
-            for index, answer in zip(chunk, answers):
-                results[index] = answer
-            bar.update(len(chunk))
+        answers = generate_ids(model, tokenizer, [encoded[i] for i in order], settings, max_rows=batch_size,
+                               on_done=lambda _row, _result: bar.update(1), fast_greedy=fast_greedy)
+    for index, answer in zip(order, answers):
+        results[index] = answer
     return results  # type: ignore[return-value]
 
 
