@@ -353,3 +353,24 @@ def test_settings_the_fast_path_cannot_honour_use_transformers(model, tiny_token
         assert 1 <= result.completion_tokens <= 6
     (result,) = generate(banned, tiny_tokenizer, PROMPTS[:1], GenerationSettings(max_new_tokens=6), progress=False)
     assert 1 <= result.completion_tokens <= 6
+
+
+def test_fast_path_with_a_lora_adapter_and_prefix_tuning_falls_back(model, tiny_tokenizer):
+    import copy
+
+    from peft import LoraConfig, PrefixTuningConfig, get_peft_model
+
+    from tunelab.greedy import fast_greedy_applies
+
+    lora = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                           init_lora_weights=False)).eval()
+    assert fast_greedy_applies(lora)
+    settings = GenerationSettings(max_new_tokens=10)
+    fast = generate(lora, tiny_tokenizer, SHARED_PREFIX_PROMPTS, settings, batch_size=3, progress=False)
+    slow = generate(lora, tiny_tokenizer, SHARED_PREFIX_PROMPTS, settings, batch_size=3, progress=False,
+                    fast_greedy=False)
+    assert [dataclass_tuple(r) for r in fast] == [dataclass_tuple(r) for r in slow]
+    assert [r.text for r in fast] != [r.text for r in generate(model, tiny_tokenizer, SHARED_PREFIX_PROMPTS,
+                                                               settings, progress=False)], "the adapter counts"
+    prefix = get_peft_model(copy.deepcopy(model), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    assert not fast_greedy_applies(prefix)

@@ -42,10 +42,14 @@ def small_server(tiny_llama, tiny_tokenizer):
     # HTTP thread for seconds, and these tests poll the queue while a request runs.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    # A long request must outlast the client's patience whatever the decoding speed:
+    # 5 ms per forward makes LONG take >= 2.4 s, however fast the greedy loop gets.
+    slow = tiny_llama.register_forward_pre_hook(lambda module, args: time.sleep(0.005))
     served = attach_adapters(tiny_llama, tiny_tokenizer, "tiny", [])
     server = LiveServer(create_app(served, GenerationSettings(max_new_tokens=8), max_queue=1, max_batch=1))
     yield server
     server.close()
+    slow.remove()
     torch.set_num_threads(threads)
 
 

@@ -5,8 +5,10 @@
 - ``generate``: many prompts (chat message lists or raw strings), batched with left
   padding, sorted by length to cut padding, results in input order.
 - ``stream``: one conversation, text pieces as they are generated, cancellable.
-- ``generate_ids``: one batch of already-tokenised prompts with per-row callbacks,
-  limits and cancellation; the server's batching engine drives this directly.
+- ``generate_ids``: already-tokenised prompts (one batch, or ``max_rows`` at a time) with
+  per-row callbacks, limits and cancellation; the server's batching engine drives this
+  directly. Greedy decoding uses tunelab's own loop (``tunelab.greedy``), the rest
+  transformers' ``generate``.
 
 Stop strings are handled in exactly one place, ``tunelab.stops``.
 """
@@ -322,10 +324,10 @@ def generate_ids(
     ``limits`` gives each row its own max_new_tokens (default: the settings'). From this
     thread, ``on_text(row, piece)`` gets text as it becomes final and ``on_done(row,
     result)`` fires when a row finishes; setting ``cancel[row]`` stops that row.
-    Greedy decoding runs tunelab's own loop (``tunelab.greedy``: same tokens; a finished
-    row leaves the batch and the next prompt takes its place; a shared prompt prefix is
-    encoded once) where it applies. Sampling, beam search, repetition penalty and
-    ``fast_greedy=False`` use one ``model.generate`` call per ``max_rows`` prompts.
+    Greedy decoding runs tunelab's own loop where it applies (``tunelab.greedy``: the
+    tokens ``model.generate`` gives; a finished row leaves its batch at once; the prompt
+    prefix all prompts share is encoded once). Sampling, beam search, repetition penalty
+    and ``fast_greedy=False`` use one ``model.generate`` call per ``max_rows`` prompts.
     """
     import torch
 
@@ -396,11 +398,10 @@ def generate(
 ) -> list[GenerationResult]:
     """Answers for ``prompts`` (chat message lists or raw strings), in input order.
 
-    Prompts are sorted by length (longest first) and generated ``batch_size`` rows at a
-    time, so batches pad little; with greedy decoding a finished row's place goes to the
-    next prompt at once. A progress bar counts prompts. ``fast_greedy=False`` decodes
-    greedy batches with transformers' ``generate`` instead of tunelab's loop (same
-    tokens, slower; for comparisons).
+    Prompts are sorted by length (longest first) and generated ``batch_size`` at a time,
+    so each batch pads little; a progress bar counts prompts. ``fast_greedy=False``
+    decodes greedy batches with transformers' ``generate`` instead of tunelab's loop
+    (same tokens, slower; for comparisons).
     """
     from tqdm.auto import tqdm
 

@@ -27,12 +27,14 @@ from typing import Callable, Sequence
 # many saved tokens ((prompts - 1) x prefix length) the extra pass is not worth it.
 MIN_SHARED_TOKENS = 16
 
-# Generation-config fields that add logits processors to greedy decoding in transformers;
-# when a checkpoint sets any of them, the loop would differ, so generate() is used instead.
+# Generation-config fields that add logits processors to greedy decoding in transformers,
+# or turn it into another decoding method; when a checkpoint sets any of them, the loop
+# would differ, so generate() is used instead.
 _PROCESSOR_FIELDS = (
-    "no_repeat_ngram_size", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens",
+    "min_length", "no_repeat_ngram_size", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens",
     "forced_bos_token_id", "forced_eos_token_id", "sequence_bias", "exponential_decay_length_penalty",
     "forced_decoder_ids", "guidance_scale", "watermarking_config", "encoder_no_repeat_ngram_size",
+    "penalty_alpha", "dola_layers", "custom_generate",
 )
 
 
@@ -75,7 +77,7 @@ def fast_greedy_applies(model, repetition_penalty: float = 1.0) -> bool:
     params = _forward_parameters(model)
     if not {"attention_mask", "position_ids"} <= params or _cache_keyword(params) is None:
         return False
-    # Rows are padded, merged and dropped along the cache's time and batch axes: only plain
+    # Rows are padded, copied and dropped along the cache's time and batch axes: only plain
     # full-attention layers allow that (a sliding window would see the padding as distance).
     return all(type(layer) is DynamicLayer for layer in _new_cache(model).layers)
 
