@@ -58,7 +58,7 @@ def test_demo_budget_leaves_training_what_data_and_the_estimated_evaluation_do_n
     plan = DemoPlan(general_questions=32, max_seconds=900)
     sizes = {"train": 507, "validation": 38, "test": 112}
     # distillation: 32 prompts x 48 slots in 20 s; evaluation: 2 x (150 x 32 + 16 x 48) slots
-    expected_eval = 1.25 * 20 * 2 * (150 * 32 + 16 * 48) / (32 * 48)
+    expected_eval = 20 * 2 * (150 * 32 + 16 * 48) / (32 * 48)
     assert training_budget(plan, 60, 20, sizes) == pytest.approx(900 - 60 - expected_eval)
     assert training_budget(plan, 890, 20, sizes) == MIN_TRAIN_SECONDS  # always some training
     assert training_budget(DemoPlan(max_seconds=None), 60, 20, sizes) is None
