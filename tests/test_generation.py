@@ -249,7 +249,21 @@ def _eos_that_ends_rows_early(model, prompt_ids, max_new_tokens):
     return token
 
 
-def test_fast_greedy_gives_model_generate_tokens(model, tiny_tokenizer):
+@pytest.fixture(scope="module", params=["sdpa", "eager"])
+def attention_model(request, model):
+    """The tiny Llama with sdpa attention, and a copy with eager attention (the CPU default,
+    where the loop swaps in ``grouped_eager_attention``)."""
+    import copy
+
+    if request.param == "sdpa":
+        return model
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    return eager
+
+
+def test_fast_greedy_gives_model_generate_tokens(attention_model, tiny_tokenizer):
+    model = attention_model
     from tunelab.greedy import shared_prefix_length
 
     prompt_ids = [render_prompt(tiny_tokenizer, p) for p in SHARED_PREFIX_PROMPTS]
@@ -269,7 +283,8 @@ def test_fast_greedy_gives_model_generate_tokens(model, tiny_tokenizer):
     assert len(sizes) == 1 + max(len(answer) for answer in expected), "the batch ends with its longest row"
 
 
-def test_fast_greedy_min_new_tokens_and_single_row(model, tiny_tokenizer):
+def test_fast_greedy_min_new_tokens_and_single_row(attention_model, tiny_tokenizer):
+    model = attention_model
     prompt_ids = [render_prompt(tiny_tokenizer, p) for p in SHARED_PREFIX_PROMPTS]
     eos_id = _eos_that_ends_rows_early(model, prompt_ids, 16)
     expected = [_reference(model, ids, 16, eos_id, min_new_tokens=6) for ids in prompt_ids]
@@ -280,7 +295,8 @@ def test_fast_greedy_min_new_tokens_and_single_row(model, tiny_tokenizer):
         assert tokens == [answer] and sizes[0] == (1, len(ids))
 
 
-def test_generate_fast_path_equals_transformers_path(model, tiny_tokenizer):
+def test_generate_fast_path_equals_transformers_path(attention_model, tiny_tokenizer):
+    model = attention_model
     full = generate(model, tiny_tokenizer, SHARED_PREFIX_PROMPTS, GenerationSettings(max_new_tokens=20, min_new_tokens=20),
                     progress=False)
     stops = tuple(r.text[len(r.text) // 2:len(r.text) // 2 + 2] for r in full[:2])
@@ -374,3 +390,50 @@ def test_fast_path_with_a_lora_adapter_and_prefix_tuning_falls_back(model, tiny_
                                                                settings, progress=False)], "the adapter counts"
     prefix = get_peft_model(copy.deepcopy(model), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
     assert not fast_greedy_applies(prefix)
+
+
+def test_grouped_eager_attention_equals_transformers_eager():
+    import torch
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    from tunelab.greedy import grouped_eager_attention
+
+    torch.manual_seed(0)
+
+    class Module(torch.nn.Module):
+        num_key_value_groups = 3
+
+    module = Module().eval()
+    for length in (1, 5):  # one decode step; a prefill
+        query, key, value = torch.randn(2, 6, length, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)
+        mask = torch.zeros(2, 1, length, 7)
+        mask[0, :, :, :3] = torch.finfo(torch.float32).min  # padding of the first row
+        mask[:, :, :, 7 - length:] += torch.triu(torch.full((length, length), torch.finfo(torch.float32).min), 1)
+        expected, _ = eager_attention_forward(module, query, key, value, mask, scaling=0.35)
+        got, _ = grouped_eager_attention(module, query, key, value, mask, scaling=0.35)
+        assert got.shape == expected.shape == (2, length, 6, 8)
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_eager_models_decode_with_grouped_attention_and_get_it_back(model, tiny_tokenizer, monkeypatch):
+    import copy
+
+    from tunelab import greedy
+
+    calls, grouped = [], greedy.grouped_eager_attention
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return grouped(*args, **kwargs)
+
+    monkeypatch.setattr(greedy, "grouped_eager_attention", counting)
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    for candidate, implementation in [(model, "sdpa"), (eager, "eager")]:
+        calls.clear()
+        assert candidate.config._attn_implementation == implementation
+        generate(candidate, tiny_tokenizer, SHARED_PREFIX_PROMPTS[:2], GenerationSettings(max_new_tokens=3),
+                 progress=False)
+        assert candidate.config._attn_implementation == implementation
+        # 2 layers x (shared prefix, prefill, 2 decode steps)
+        assert len(calls) == (2 * 4 if implementation == "eager" else 0)
