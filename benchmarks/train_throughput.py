@@ -6,7 +6,7 @@ Contenders (``plan``), 8 examples per optimizer step each:
 
 - ``tunelab``: ``tunelab.train.train`` with its defaults (batch 8, length-grouped,
   logits only where a label is, ``train.bf16: auto``, automatic threads), in the
-  environment ``tunelab train`` sets up (``OMP_WAIT_POLICY=PASSIVE`` unless set);
+  environment ``tunelab train`` sets up (OpenMP's default wait policy);
 - ``plain``: the seed-003 recipe **as users write it** (``bf16=True``, batch 1 ×
   accumulation 8). On a CPU where bf16 measured much slower than fp32 it is ~100x
   slower, so there it runs ``SLOW_STEPS`` steps (one timed step after the warm-up),
@@ -180,8 +180,9 @@ def subset(data_dir: Path, rows: int, workdir: Path) -> Path:
 
 
 def tunelab_env() -> dict[str, str]:
-    """What ``tunelab train`` sets before torch loads (cli.main), for tunelab's children."""
-    return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    """What ``tunelab train`` sets before torch loads (cli.main), for tunelab's children:
+    nothing today (OpenMP's default wait policy); kept as the one place to say so."""
+    return {}
 
 
 def measure(spec: str, data_file: Path, methods: list[str], steps: int, rounds: int | dict[str, int],

@@ -68,7 +68,20 @@ def prepare_builtin_model() -> None:
     print(f"builtin model ready: {builtin_folder('smollm2-135m-instruct')}")
 
 
-STEPS = [setup_wordnet, prepare_builtin_model]
+def setup_llamacpp() -> None:
+    """node-llama-cpp (prebuilt llama.cpp) for the GGUF export check, where node and npm exist."""
+    from tunelab.export import llamacpp
+
+    if llamacpp.unavailable_reason() is None:
+        print(f"llama.cpp ready: {llamacpp.install_dir()}")
+        return
+    if not (shutil.which("npm") and shutil.which("node")):
+        print("note: node/npm not found; GGUF exports are checked in transformers only (tests marked llamacpp skip)")
+        return
+    print(f"llama.cpp ready: {llamacpp.install()}")
+
+
+STEPS = [setup_wordnet, prepare_builtin_model, setup_llamacpp]
 
 
 def main() -> int:

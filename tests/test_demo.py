@@ -62,4 +62,18 @@ def test_demo_budget_leaves_training_what_data_and_the_estimated_evaluation_do_n
     assert training_budget(plan, 60, 20, sizes) == pytest.approx(900 - 60 - expected_eval)
     assert training_budget(plan, 890, 20, sizes) == MIN_TRAIN_SECONDS  # always some training
     assert training_budget(DemoPlan(max_seconds=None), 60, 20, sizes) is None
+    # the tuned model counted at its reference answers' length (here 150 rows x 12 tokens)
+    tuned_eval = 20 * (2 * 16 * 48 + 150 * 32 + 150 * 12) / (32 * 48)
+    assert training_budget(plan, 60, 20, sizes, tuned_slots=150 * 12) == pytest.approx(900 - 60 - tuned_eval)
+
+
+def test_reference_slots_count_answer_tokens_capped(tmp_path, tiny_tokenizer):
+    from tunelab.demo.pipeline import EVAL_NEW_TOKENS, DemoPlan, reference_slots
+    from tunelab.io import write_jsonl
+
+    answers = ["Double inlet ventricle", "x " * 200]
+    write_jsonl(tmp_path / "test.jsonl", [{"output": a} for a in answers])
+    short = len(tiny_tokenizer(answers[0], add_special_tokens=False)["input_ids"]) + 1
+    assert reference_slots(tmp_path, DemoPlan(), tiny_tokenizer) == short + EVAL_NEW_TOKENS
+    assert reference_slots(tmp_path, DemoPlan(eval_samples=1), tiny_tokenizer) == short
     assert DemoPlan.quick().max_seconds is None  # the quick demo trains its fixed 12 steps

@@ -12,6 +12,7 @@ from transformers import TrainerCallback
 from tunelab.config import load_config
 from tunelab.errors import TunelabError
 from tunelab.train import train
+from train_helpers import StopAt
 
 WORDS = ["fever", "cough", "rest", "water", "patient", "发烧", "感冒", "headache"]
 
@@ -56,17 +57,6 @@ class WatchParams(TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self.changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), self.before[n])}
-
-
-class StopAt(TrainerCallback):
-    """Stop at step ``step`` without saving: like a kill two steps after the last checkpoint."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 class GradAtFirstStep(TrainerCallback):
@@ -331,7 +321,8 @@ def test_export_cli_refuses_to_overwrite(tiny_dir, data_file, tmp_path, capsys):
     assert main(["export", str(out), "--merge", str(tmp_path / "taken")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "--overwrite" in err and "\n" not in err
-    assert main(["export", str(out), "--merge", str(tmp_path / "taken"), "--overwrite"]) == 0
+    # one step leaves LoRA's B at zero: the export check would rightly call it the base model
+    assert main(["export", str(out), "--merge", str(tmp_path / "taken"), "--overwrite", "--allow-identical"]) == 0
     assert (tmp_path / "taken" / "model.safetensors").is_file() and not (tmp_path / "taken" / "keep.txt").exists()
 
 

@@ -219,10 +219,21 @@ def register(subparsers) -> None:
     )
     parser.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"model spec or run folder (default {DEFAULT_MODEL})")
     parser.add_argument("--system", help="system prompt (default: none, or the chat template's own default)")
+    parser.add_argument("--image", action="append", metavar="PATH",
+                        help="vision runs: attach an image to the first message (repeatable; /image PATH later)")
     add_generation_options(parser)
     parser.set_defaults(func=_main)
 
 
 def _main(args) -> int:
+    from tunelab.vision.compose import is_vision_run
+
+    if is_vision_run(args.model):
+        from tunelab.vision.chat import run_chat as run_vision_chat
+
+        run_vision_chat(args.model, settings_from_args(args), args.system, args.image)
+        return 0
+    if args.image:
+        raise TunelabError(f"--image: {args.model} is not a vision-language run (no vision.json)")
     run_chat(args.model, settings_from_args(args), args.system)
     return 0

@@ -6,13 +6,15 @@ A recipe is a YAML mapping whose top-level keys are the sections below
 ``train.max_steps=20 method.r=16``. Values are parsed as YAML scalars, so
 ``true``, ``3``, ``1e-3`` and ``[q_proj,v_proj]`` mean what they look like.
 
-Unknown keys are errors that name the key and the closest valid one.
+Hugging Face / peft names of fields (``train.learning_rate``, ``method.lora_rank``) are
+accepted with a note of the tunelab name (``tunelab.aliases``); unknown keys are errors
+that name the key and the closest valid name or alias. A LLaMA-Factory training YAML is
+detected by its keys and translated (``tunelab.lf_compat``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -21,6 +23,7 @@ from typing import Any, get_type_hints
 import yaml
 
 from tunelab.errors import TunelabError
+from tunelab.vision.settings import VisionConfig
 
 DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
 
@@ -69,6 +72,8 @@ class ModelConfig:
     """Run model code shipped inside a model folder. Off unless you trust the source."""
     template: str | None = None
     """Hand-written prompt format for models without a chat template (e.g. ``human-assistant``)."""
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    """Vision tower, features, projector and stage (``tunelab.vision.settings``); empty tower: text-only."""
 
     def __post_init__(self) -> None:
         _choice("model", "precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
@@ -115,7 +120,8 @@ class DataConfig:
 @dataclass
 class MethodConfig:
     name: str = "lora"
-    """Training method: full, freeze, lora, qlora, lora8bit, prefix, prompt."""
+    """Training method: full, freeze, lora, qlora, lora8bit, prefix, prompt; dora, rslora, pissa,
+    olora, loraplus, ia3, adalora (``tunelab.train.peft_methods``); bottleneck (Houlsby adapters)."""
     r: int = 8
     """LoRA rank."""
     alpha: int = 16
@@ -132,15 +138,56 @@ class MethodConfig:
     num_virtual_tokens: int = 16
     """``prefix``/``prompt``: number of virtual tokens."""
     compute_dtype: str = "auto"
-    """``qlora``: dtype of the dequantised matmuls: ``auto`` (bf16 where the GPU has it, else fp16), bf16, fp16."""
+    """``qlora``: dtype of the dequantised matmuls: ``auto`` (GPU: bf16 where it has it, else fp16; CPU: bf16
+    only where ``tunelab env`` measured it faster, else fp32), bf16, fp16, fp32."""
+    use_dora: bool = False
+    """LoRA family: weight-decomposed LoRA (DoRA; what ``name: dora`` sets)."""
+    use_rslora: bool = False
+    """LoRA family: rank-stabilised scaling alpha / sqrt(r) instead of alpha / r (``name: rslora``)."""
+    init_lora_weights: str = "default"
+    """LoRA family: ``default`` (B = 0), ``gaussian``, ``pissa``, ``pissa_niter_N`` (fast SVD), ``olora``
+    (``name: pissa``/``olora``). PiSSA/OLoRA adapters are saved converted to plain LoRA on the original base."""
+    loraplus_lr_ratio: float | None = None
+    """LoRA+: learning rate of the B matrices = train.lr × this ratio (``name: loraplus`` uses 16)."""
+    adalora_init_r: int = 12
+    """``adalora``: starting rank of every adapter; ranks are then pruned to an average of ``r``."""
+    adapter_size: int = 64
+    """``bottleneck``: inner size of the Houlsby adapter after each feed-forward block."""
+    adapter_activation: str = "relu"
+    """``bottleneck``: the adapter's non-linearity (any name in transformers' ACT2FN)."""
 
     def __post_init__(self) -> None:
         _choice("method", "name", self.name,
-                ("full", "freeze", "lora", "qlora", "lora8bit", "prefix", "prompt"))
+                ("full", "freeze", "lora", "qlora", "lora8bit", "prefix", "prompt",
+                 "dora", "rslora", "pissa", "olora", "loraplus", "ia3", "adalora", "bottleneck"))
+        if self.target_modules == "all":  # LLaMA-Factory's spelling
+            self.target_modules = "all-linear"
+        if not (self.init_lora_weights in ("default", "gaussian", "pissa", "olora")
+                or re.fullmatch(r"pissa_niter_\d+", str(self.init_lora_weights))):
+            raise TunelabError(f"method.init_lora_weights: {self.init_lora_weights!r} is not one of "
+                               "default, gaussian, pissa, pissa_niter_N, olora")
+        if self.loraplus_lr_ratio is not None and not self.loraplus_lr_ratio > 0:
+            raise TunelabError(f"method.loraplus_lr_ratio: {self.loraplus_lr_ratio} must be > 0")
 
 
 @dataclass
 class TrainConfig:
+    stage: str = "sft"
+    """What the run learns (``tunelab.train.stages``): ``sft`` (answers of conversations), ``pt``
+    (continued pre-training on raw text, packed, loss on every token), ``dpo`` (preference pairs;
+    the objective is ``pref_loss``)."""
+    pref_loss: str = "sigmoid"
+    """``dpo`` stage objective: ``sigmoid`` (DPO), ``orpo`` or ``simpo`` (both reference-free)."""
+    pref_beta: float = 0.1
+    """DPO/SimPO: beta (strength of the preference); ORPO: weight of the odds-ratio term."""
+    simpo_gamma: float = 0.5
+    """SimPO: target reward margin."""
+    pref_ftx: float = 0.0
+    """DPO/SimPO: add this × the chosen answer's mean token loss (an SFT term); ORPO always has it."""
+    pref_reference: str = "auto"
+    """DPO reference: ``adapter`` (the policy with its fresh adapter disabled: no second copy),
+    ``precompute`` (the starting model's log-probs computed once before training), ``auto``
+    (adapter where that equals the starting model, else precompute)."""
     epochs: float = 1.0
     """Passes over the training data (ignored when max_steps > 0)."""
     max_steps: int = -1
@@ -166,6 +213,10 @@ class TrainConfig:
     """With bf16, store frozen linear weights in bf16 (same matmuls, less memory, no per-step casts)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
+    share_prefix: bool = True
+    """Encode the leading prompt tokens all rows of a micro-batch share (e.g. the template's
+    default system prompt) once instead of once per row: same loss and gradients, fewer
+    FLOPs. Used where it applies (one process, no packing, no gradient checkpointing)."""
     seed: int = 42
     logging_steps: int = 1
     eval_steps: int | None = None
@@ -183,14 +234,29 @@ class TrainConfig:
     """Wall-clock budget for the whole run (``10m``, ``1h30m``, ``90s`` or seconds): the step
     count is re-planned from measured step, eval and save times so that warm-up, decay, evals
     and the final save all fit. It only ever shortens the run that epochs/max_steps give."""
+    neftune_alpha: float | None = None
+    """NEFTune: add uniform noise scaled by alpha / sqrt(seq_len × hidden) to the input
+    embeddings while training (transformers' ``neftune_noise_alpha``; 5 is the paper's value)."""
+    report_to: str | list[str] = "none"
+    """Experiment trackers (transformers' integrations), files inside the run folder:
+    ``tensorboard`` (``tb/``), ``wandb`` (offline, ``wandb/``), ``mlflow`` (``mlruns/``), ``none``."""
 
     def __post_init__(self) -> None:
         if self.save_strategy is False:  # YAML 1.1 reads a bare `no` as false
             self.save_strategy = "no"
+        if self.resume is True:  # resume_from_checkpoint: true
+            self.resume = "auto"
+        trackers = self.report_to if isinstance(self.report_to, list) else str(self.report_to or "none").split(",")
+        self.report_to = [t.strip() for t in trackers if t.strip() and t.strip() != "none"] or "none"
+        for tracker in self.report_to if isinstance(self.report_to, list) else []:
+            _choice("train", "report_to", tracker, ("tensorboard", "wandb", "mlflow", "none"))
         _choice("train", "scheduler", self.scheduler,
                 ("cosine", "linear", "constant", "constant_with_warmup"))
         _choice("train", "save_strategy", self.save_strategy, ("no", "steps", "epoch"))
         _choice("train", "bf16", self.bf16, (True, False, "auto", "force"))
+        _choice("train", "stage", self.stage, ("sft", "pt", "dpo"))
+        _choice("train", "pref_loss", self.pref_loss, ("sigmoid", "orpo", "simpo"))
+        _choice("train", "pref_reference", self.pref_reference, ("auto", "adapter", "precompute"))
         if self.max_time is not None:
             parse_duration(self.max_time)
 
@@ -261,23 +327,33 @@ class RunConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
 
-def _unknown_key(prefix: str, key: str, valid: list[str]) -> TunelabError:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid: {', '.join(valid)})"
-    return TunelabError(f"unknown config key '{prefix}{key}'{hint}")
+def section_fields() -> dict[str, list[str]]:
+    """Each section's field names (``{"train": ["epochs", ...], ...}``), for aliases and hints."""
+    hints = get_type_hints(RunConfig)
+    return {f.name: [g.name for g in fields(hints[f.name])] for f in fields(RunConfig)
+            if dataclasses.is_dataclass(hints[f.name])}
 
 
 def build(cls: type, values: dict[str, Any] | None, prefix: str = "") -> Any:
-    """Turn a nested mapping into dataclass ``cls``, rejecting unknown keys."""
+    """Turn a nested mapping into dataclass ``cls``, rejecting unknown keys.
+
+    Other projects' names for a field (``learning_rate`` for ``train.lr``) are accepted
+    with a note; see :mod:`tunelab.aliases`.
+    """
+    from tunelab import aliases
+
     values = values or {}
     if not isinstance(values, dict):
         raise TunelabError(f"config section '{prefix.rstrip('.') or 'root'}' must be a mapping")
     hints = get_type_hints(cls)
     names = [f.name for f in fields(cls)]
+    sections = section_fields()
+    section = prefix.rstrip(".")
+    values = aliases.resolve(section, values, names, sections if cls is RunConfig else None)
     kwargs = {}
     for key, value in values.items():
         if key not in names:
-            raise _unknown_key(prefix, str(key), names)
+            raise aliases.unknown_key(section, str(key), names, sections)
         kind = hints[key]
         if dataclasses.is_dataclass(kind):
             value = build(kind, value, f"{prefix}{key}.")
@@ -322,8 +398,11 @@ def _fix_floats(obj: Any) -> Any:
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    from tunelab import aliases
+
     for text in overrides:
         keys, value = parse_override(text)
+        keys = aliases.canonical(keys, section_fields())  # an override replaces the field it names
         node = values
         for key in keys[:-1]:
             node = node.setdefault(key, {})
@@ -349,8 +428,17 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a recipe (or start from defaults) and apply ``key=value`` overrides."""
+    """Read a recipe (or start from defaults) and apply ``key=value`` overrides.
+
+    A LLaMA-Factory training YAML (flat LLaMA-Factory keys, no tunelab section) is
+    translated first (:func:`tunelab.lf_compat.load`).
+    """
     values = read_yaml(path) if path else {}
+    if path:
+        from tunelab import lf_compat
+
+        if lf_compat.is_lf_config(values):
+            return lf_compat.load(path, overrides=overrides)[0]
     values = apply_overrides(values, list(overrides or []))
     try:
         return build(RunConfig, values)

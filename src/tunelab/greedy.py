@@ -41,12 +41,12 @@ _PROCESSOR_FIELDS = (
 )
 
 
-def _forward_parameters(model) -> set[str]:
+def forward_parameters(model) -> set[str]:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return set(inspect.signature(base.forward).parameters)
 
 
-def _cache_keyword(params: set[str]) -> str | None:
+def cache_keyword(params: set[str]) -> str | None:
     # transformers 5.24 renamed the forward argument past_key_values to cache.
     return next((name for name in ("cache", "past_key_values") if name in params), None)
 
@@ -56,7 +56,7 @@ def _text_config(model):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def _new_cache(model):
+def new_cache(model):
     from transformers import DynamicCache
 
     return DynamicCache(config=_text_config(model))
@@ -77,12 +77,12 @@ def fast_greedy_applies(model, repetition_penalty: float = 1.0) -> bool:
     generation_config = getattr(model, "generation_config", None)
     if any(getattr(generation_config, name, None) not in (None, 0, [], {}) for name in _PROCESSOR_FIELDS):
         return False
-    params = _forward_parameters(model)
-    if not {"attention_mask", "position_ids"} <= params or _cache_keyword(params) is None:
+    params = forward_parameters(model)
+    if not {"attention_mask", "position_ids"} <= params or cache_keyword(params) is None:
         return False
     # Rows are padded, copied and dropped along the cache's time and batch axes: only plain
     # full-attention layers allow that (a sliding window would see the padding as distance).
-    return all(type(layer) is DynamicLayer for layer in _new_cache(model).layers)
+    return all(type(layer) is DynamicLayer for layer in new_cache(model).layers)
 
 
 def shared_prefix_length(prompt_ids: Sequence[Sequence[int]]) -> int:
@@ -159,15 +159,15 @@ class _Batch:
 
         self.model, self.prompt_ids, self.pad_id = model, prompt_ids, pad_id
         self.device = getattr(model, "device", torch.device("cpu"))
-        params = _forward_parameters(model)
+        params = forward_parameters(model)
         self.kwargs = {"use_cache": True, **({"logits_to_keep": 1} if "logits_to_keep" in params else {})}
-        self.cache_key = _cache_keyword(params)
+        self.cache_key = cache_keyword(params)
         self.rows: list[int] = []
         self.cache, self.mask, self.positions, self.logits = None, None, None, None
         self.shared = shared_prefix_length(prompt_ids)
         self.prefix = None
         if self.shared:
-            self.prefix = _new_cache(model)
+            self.prefix = new_cache(model)
             ids = torch.tensor([list(prompt_ids[0][:self.shared])], device=self.device)
             self._forward(self.prefix, input_ids=ids, position_ids=torch.arange(self.shared, device=self.device)[None])
 
@@ -178,7 +178,7 @@ class _Batch:
         """Prefill ``rows`` (the shared prefix copied, their own suffixes encoded) as the new batch."""
         import torch
 
-        cache = _new_cache(self.model)
+        cache = new_cache(self.model)
         if self.prefix is not None:
             for layer, prefix in zip(cache.layers, self.prefix.layers):
                 layer.update(prefix.keys.expand(len(rows), -1, -1, -1), prefix.values.expand(len(rows), -1, -1, -1))

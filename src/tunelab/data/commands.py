@@ -6,6 +6,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from tunelab.data.images import image_problems
 from tunelab.data.registry import load_dataset
 from tunelab.data.render import chat_messages, encode, mark_supervised, token_ids
 from tunelab.errors import TunelabError
@@ -48,6 +49,7 @@ def check(specs: Sequence[str], dataset_dir: str | None = None) -> CheckReport:
             continue
         report.rows[spec] = len(convs)
         report.formats.update(c.meta.get("format", "?") for c in convs)
+        report.problems.extend(image_problems(convs, dataset_dir))  # every missing/unreadable image
         if not convs and len(report.problems) == known:
             report.problems.append(f"{spec}: no records")
     return report

@@ -77,13 +77,17 @@ def to_conversation(
             messages = _alpaca_messages(row, cols)
         else:
             messages = _chat_messages(row, cols, tag, fmt)
-        images = _images(row, cols, base_dir)
+        raw = _images(row, cols, None)
+        images = [_resolve_ref(ref, base_dir) for ref in raw]
         if images:
-            _attach_images(messages, images)
+            _attach_images(messages, images, cols.get("images", "images"))
         _check_turns(messages, _turns_field(fmt, cols))
     except RowError as exc:
         raise TunelabError(f"{source}: {exc}") from None
-    return Conversation(messages, source, {"format": fmt})
+    meta: dict[str, Any] = {"format": fmt}
+    if images:  # the paths as written, for resolving against data.dataset_dir (tunelab.vision.data)
+        meta["image_refs"] = dict(zip(images, raw))
+    return Conversation(messages, source, meta)
 
 
 def _lenient_chat(row: dict[str, Any], fmt: str, columns: dict | None, tags: dict | None) -> tuple:
@@ -234,8 +238,17 @@ def _resolve_ref(ref: str, base_dir: str | Path | None) -> str:
     return str(Path(base_dir) / ref)
 
 
-def _attach_images(messages: list[Message], images: list[str]) -> None:
-    """Put each image where its ``<image>`` placeholder is, else before the first user text."""
+def _attach_images(messages: list[Message], images: list[str], field: str = "images") -> None:
+    """Put each image where its ``<image>`` placeholder is, else before the first user text.
+
+    Placeholders, when there are any, must match the images one for one (LLaMA-Factory's rule):
+    a mismatch is the row's error, not a silently dropped image or placeholder.
+    """
+    placeholders = sum(p.text.count(IMAGE_TOKEN) for m in messages if m.role == "user"
+                       for p in m.content if isinstance(p, TextPart))
+    if placeholders and placeholders != len(images):
+        raise RowError(field, f"{len(images)} image(s) but {placeholders} {IMAGE_TOKEN} placeholder(s) "
+                              "in the user messages; they must match one for one")
     pending = list(images)
     for message in messages:
         if message.role != "user":

@@ -41,6 +41,8 @@ class DatasetEntry:
     tags: dict = field(default_factory=dict)
     num_samples: int | None = None
     sheet: str | None = None
+    ranking: bool = False
+    """Preference pairs (``chosen``/``rejected``), read by ``tunelab.data.pairs`` for the dpo stage."""
 
 
 def read_registry(dataset_dir: str | Path) -> dict[str, dict]:
@@ -108,8 +110,6 @@ def _entry(name: str, raw: object, dataset_dir: Path) -> DatasetEntry:
                            "download the files and set file_name")
     if "file_name" not in raw:
         raise TunelabError(f"{where}.file_name: missing")
-    if raw.get("ranking"):
-        raise TunelabError(f"{where}.ranking: preference (ranking) datasets are not supported for SFT")
     fmt = raw.get("formatting")
     if fmt is not None and fmt not in FORMATS:
         raise TunelabError(f"{where}.formatting: unknown format {fmt!r} (use one of {', '.join(FORMATS)})")
@@ -120,7 +120,8 @@ def _entry(name: str, raw: object, dataset_dir: Path) -> DatasetEntry:
     if not path.exists():
         raise TunelabError(f"{where}.file_name: {path} does not exist")
     return DatasetEntry(name, _files(path, name), fmt, dict(raw.get("columns", {})),
-                        dict(raw.get("tags", {})), raw.get("num_samples"), raw.get("sheet"))
+                        dict(raw.get("tags", {})), raw.get("num_samples"), raw.get("sheet"),
+                        bool(raw.get("ranking")))
 
 
 def load_dataset(
@@ -133,6 +134,8 @@ def load_dataset(
     rows keep file order. ``on_error`` collects every problem instead of raising the first.
     """
     entry = resolve(spec, dataset_dir)
+    if entry.ranking:
+        raise TunelabError(f"{spec}: a preference (ranking) dataset: train it with train.stage=dpo")
     conversations: list[Conversation] = []
     for path in entry.files:
         conversations.extend(read_conversations(path, entry.formatting, entry.columns or None,

@@ -52,24 +52,42 @@ DISTIL_NEW_TOKENS, EVAL_NEW_TOKENS, GENERAL_EVAL_NEW_TOKENS = 48, 32, 48
 MIN_TRAIN_SECONDS = 60.0
 
 
-def training_budget(plan: DemoPlan, elapsed: float, distil_seconds: float, sizes: dict[str, int]) -> float | None:
+def training_budget(plan: DemoPlan, elapsed: float, distil_seconds: float, sizes: dict[str, int],
+                    tuned_slots: int | None = None) -> float | None:
     """Seconds left for training: the plan's budget minus what has run and what evaluation will take.
 
     Evaluation is estimated from the self-distillation just measured on this machine: the
-    same model and generation code, so its seconds per generated-token slot carry over
-    (two models, every held-out prompt at its full token limit: answers that end early make it an
-    over-estimate; measured 154 s estimated with a margin vs 81 s actual).
+    same model and generation code, so its seconds per generated-token slot carry over.
+    The base model rambles to the token limit on every held-out prompt; the tuned one
+    stops after its answer, so ``tuned_slots`` (``reference_slots``) counts its domain
+    rows at the reference answer's length. Without it, both models are counted at the
+    limit (on real AVX2: 287 s estimated, 183 s actual).
     """
     if plan.max_seconds is None:
         return None
     def rows(n: int) -> int:
         return n if plan.eval_samples is None else min(n, plan.eval_samples)
     slots_done = plan.general_questions * DISTIL_NEW_TOKENS
-    domain = rows(sizes.get("test", 0)) + rows(sizes.get("validation", 0))
-    general = rows(plan.general_questions // 2)
-    slots_eval = 2 * (domain * EVAL_NEW_TOKENS + general * GENERAL_EVAL_NEW_TOKENS)
+    domain = (rows(sizes.get("test", 0)) + rows(sizes.get("validation", 0))) * EVAL_NEW_TOKENS
+    general = rows(plan.general_questions // 2) * GENERAL_EVAL_NEW_TOKENS
+    slots_eval = 2 * (domain + general) if tuned_slots is None else 2 * general + domain + tuned_slots
     eval_seconds = distil_seconds * slots_eval / max(slots_done, 1)
     return max(MIN_TRAIN_SECONDS, plan.max_seconds - elapsed - eval_seconds)
+
+
+def reference_slots(data_dir: Path, plan: DemoPlan, tokenizer) -> int:
+    """Tokens a model that learned the task generates on the held-out domain rows: each
+    reference answer plus its end token, at most ``EVAL_NEW_TOKENS``."""
+    total = 0
+    for split in ("test", "validation"):
+        path = data_dir / f"{split}.jsonl"
+        if not path.exists():
+            continue
+        lines = path.read_text(encoding="utf-8").splitlines()
+        answers = [json.loads(line)["output"] for line in lines if line.strip()][: plan.eval_samples]
+        total += sum(min(EVAL_NEW_TOKENS, len(tokenizer(a, add_special_tokens=False)["input_ids"]) + 1)
+                     for a in answers)
+    return total
 
 
 def _step(number: int, text: str) -> float:
@@ -88,8 +106,10 @@ def build_data(data_dir: Path, plan: DemoPlan, seed: int) -> dict[str, int]:
                               holdout_per_code=1, validation_fraction=0.25, unseen_codes=0)
 
 
-def self_distil(data_dir: Path, plan: DemoPlan, model_spec: str) -> dict[str, int]:
-    """Let the base model answer the general questions; register train and check splits."""
+def self_distil(data_dir: Path, plan: DemoPlan, model_spec: str) -> tuple[dict[str, int], int]:
+    """Let the base model answer the general questions; register train and check splits.
+
+    Returns the split sizes and ``reference_slots`` (for the evaluation estimate)."""
     from tunelab.demo.general import GENERAL_QUESTIONS
     from tunelab.generation import from_preset, generate
     from tunelab.models import load_model
@@ -111,7 +131,8 @@ def self_distil(data_dir: Path, plan: DemoPlan, model_spec: str) -> dict[str, in
     for name in ("general_train", "general_check"):
         registry[name] = {"file_name": f"{name}.jsonl", "formatting": "alpaca", "columns": columns}
     write_json(registry_path, registry)
-    return {"general_train": len(train_rows), "general_check": len(check_rows)}
+    return ({"general_train": len(train_rows), "general_check": len(check_rows)},
+            reference_slots(data_dir, plan, tokenizer))
 
 
 def run_config(out: Path, plan: DemoPlan, model_spec: str, seed: int) -> RunConfig:
@@ -206,9 +227,11 @@ def run_demo(out_dir: str = "runs/demo", quick: bool = False, overwrite: bool = 
     sizes = build_data(out / "data", plan, seed)
     _done(t, ", ".join(f"{k}: {v}" for k, v in sizes.items()))
     t = _step(2, "self-distilling a general slice: the base model answers general questions")
-    _done(t, ", ".join(f"{k}: {v}" for k, v in self_distil(out / "data", plan, model).items()))
+    general_sizes, tuned_slots = self_distil(out / "data", plan, model)
+    _done(t, ", ".join(f"{k}: {v}" for k, v in general_sizes.items()))
     cfg = run_config(out, plan, model, seed)
-    budget = training_budget(plan, time.perf_counter() - started, time.perf_counter() - t, sizes)
+    budget = training_budget(plan, time.perf_counter() - started, time.perf_counter() - t, sizes,
+                             tuned_slots)
     if budget is not None:
         cfg.train.max_time = round(budget)
         print(f"      training may take up to {budget / 60:.1f} min of the demo's "

@@ -35,6 +35,8 @@ class ResolvedSpec:
     """Where the tokenizer lives when it differs from ``path``."""
     template: str | None = None
     """Hand-written template recorded by the run, if any."""
+    bottleneck: Path | None = None
+    """Run folder whose bottleneck adapters go over ``path`` (``tunelab.models.bottleneck``)."""
 
 
 def resolve_spec(spec: str) -> ResolvedSpec:
@@ -81,8 +83,15 @@ def _resolve_hf(path: Path) -> ResolvedSpec:
 def _resolve_run(path: Path) -> ResolvedSpec:
     from tunelab.config import load_config
 
+    if (path / "vision.json").is_file():  # tower + projector + LLM: text-only loading would drop the images
+        raise TunelabError(f"{path}: a vision-language run; load it with tunelab.vision.compose.load_vlm "
+                           f"(tunelab chat {path} --image PATH)")
     cfg = load_config(path / "config.yaml")
     tokenizer_path = str(path) if _has_tokenizer(path) else None
+    if (path / "bottleneck_config.json").is_file():
+        resolved = _resolve_run_base(path, cfg, tokenizer_path)
+        resolved.bottleneck = path
+        return resolved
     if (path / "adapter_config.json").is_file():
         if str(Path(cfg.model.name).expanduser().resolve()) == str(path.resolve()):
             raise TunelabError(f"{path}/config.yaml: model.name points at the run itself")
@@ -94,6 +103,17 @@ def _resolve_run(path: Path) -> ResolvedSpec:
     if (path / "config.json").is_file():
         return ResolvedSpec("run", str(path), tokenizer_path=tokenizer_path, template=cfg.model.template)
     raise TunelabError(f"{path}: run folder holds no weights or adapter yet (did training finish?)")
+
+
+def _resolve_run_base(path: Path, cfg, tokenizer_path: str | None) -> ResolvedSpec:
+    """The base model a run's adapters go over (``model.name`` in its config.yaml)."""
+    if str(Path(cfg.model.name).expanduser().resolve()) == str(path.resolve()):
+        raise TunelabError(f"{path}/config.yaml: model.name points at the run itself")
+    resolved = resolve_spec(cfg.model.name)
+    resolved.kind = "run"
+    resolved.tokenizer_path = tokenizer_path or resolved.tokenizer_path
+    resolved.template = cfg.model.template
+    return resolved
 
 
 def _has_tokenizer(path: Path) -> bool:
@@ -201,6 +221,10 @@ def load_model(
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(resolved.adapter), is_trainable=for_training)
+    if resolved.bottleneck is not None:
+        from tunelab.models.bottleneck import load_adapters
+
+        load_adapters(model, resolved.bottleneck, trainable=for_training)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if not for_training:

@@ -3,9 +3,14 @@
 Each method is registered by name with ``@register(name)`` on a function
 ``prepare(model, cfg: MethodConfig) -> model``. A method may also declare
 ``preflight(cfg)`` — run before the model is loaded, so a method that cannot work
-on this machine (QLoRA without CUDA) fails in one line before a slow load — and
+on this machine (QLoRA where bitsandbytes has no kernels) fails in one line before a slow load — and
 ``load_kwargs(cfg)`` — extra ``from_pretrained`` arguments (quantization config).
-The trainer only calls :func:`get_method`; it never looks at the method's name.
+Methods that need more of the trainer declare ``optimizer(model, cfg, args)`` (an
+optimizer instead of Trainer's AdamW, or None: LoRA+), ``callbacks(model, cfg)`` (trainer
+callbacks: AdaLoRA's rank schedule) and ``finalize(model, cfg, out)`` (after the run folder
+is written: PiSSA's conversion to plain LoRA). More PEFT methods live in
+``tunelab.train.peft_methods``. The trainer only calls :func:`get_method`; it never looks
+at the method's name.
 """
 
 from __future__ import annotations
@@ -14,11 +19,11 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import torch
 from torch import nn
 
 from tunelab.config import MethodConfig
 from tunelab.errors import TunelabError
+from tunelab.train import quant
 
 
 @dataclass
@@ -29,16 +34,19 @@ class Method:
     prepare: Callable[[nn.Module, MethodConfig], nn.Module]
     preflight: Callable[[MethodConfig], None] | None = None
     load_kwargs: Callable[[MethodConfig], dict[str, Any]] | None = None
+    optimizer: Callable[[nn.Module, MethodConfig, Any], Any] | None = None
+    callbacks: Callable[[nn.Module, MethodConfig], list] | None = None
+    finalize: Callable[[nn.Module, MethodConfig, Any], None] | None = None
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, *, preflight=None, load_kwargs=None):
+def register(name: str, *, preflight=None, load_kwargs=None, optimizer=None, callbacks=None, finalize=None):
     """Decorator: ``@register("lora")`` on ``prepare(model, cfg) -> model``."""
 
     def wrap(fn):
-        METHODS[name] = Method(name, fn, preflight, load_kwargs)
+        METHODS[name] = Method(name, fn, preflight, load_kwargs, optimizer, callbacks, finalize)
         return fn
 
     return wrap
@@ -151,8 +159,10 @@ def _target_modules(cfg: MethodConfig) -> Any:
 def _lora_config(cfg: MethodConfig):
     from peft import LoraConfig
 
+    init = True if cfg.init_lora_weights == "default" else cfg.init_lora_weights
     return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                      target_modules=_target_modules(cfg), task_type="CAUSAL_LM")
+                      target_modules=_target_modules(cfg), task_type="CAUSAL_LM",
+                      use_dora=cfg.use_dora, use_rslora=cfg.use_rslora, init_lora_weights=init)
 
 
 def _wrap_peft(model: nn.Module, peft_cfg) -> nn.Module:
@@ -178,35 +188,6 @@ def prepare_lora(model: nn.Module, cfg: MethodConfig) -> nn.Module:
     return _wrap_peft(model, _lora_config(cfg))
 
 
-def _require_cuda_bnb(cfg: MethodConfig) -> None:
-    if not torch.cuda.is_available():
-        raise TunelabError(
-            f"method.name: {cfg.name} needs a CUDA GPU (bitsandbytes quantized training); "
-            "none found — use method.name=lora (same adapters, unquantized base) on this machine")
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise TunelabError(
-            f"method.name: {cfg.name} needs bitsandbytes: pip install 'tunelab[gpu]'") from None
-
-
-def _bnb_kwargs(cfg: MethodConfig) -> dict[str, Any]:
-    from transformers import BitsAndBytesConfig
-
-    if cfg.name == "lora8bit":
-        return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True)}
-    name = cfg.compute_dtype
-    if name == "auto":
-        name = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp16"
-    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(name)
-    if compute is None:
-        raise TunelabError(f"method.compute_dtype: {cfg.compute_dtype!r} is not one of auto, bf16, fp16")
-    # seed 003's QLoRA: 4-bit NF4 weights, double quantization, bf16 compute.
-    return {"quantization_config": BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute)}
-
-
 def _prepare_kbit_lora(model: nn.Module, cfg: MethodConfig) -> nn.Module:
     from peft import prepare_model_for_kbit_training
 
@@ -214,8 +195,9 @@ def _prepare_kbit_lora(model: nn.Module, cfg: MethodConfig) -> nn.Module:
     return _wrap_peft(model, _lora_config(cfg))
 
 
-register("qlora", preflight=_require_cuda_bnb, load_kwargs=_bnb_kwargs)(_prepare_kbit_lora)
-register("lora8bit", preflight=_require_cuda_bnb, load_kwargs=_bnb_kwargs)(_prepare_kbit_lora)
+# bitsandbytes on a GPU or a CPU (its CPU kernels); checked by running them (tunelab.train.quant).
+register("qlora", preflight=quant.preflight, load_kwargs=quant.load_kwargs)(_prepare_kbit_lora)
+register("lora8bit", preflight=quant.preflight, load_kwargs=quant.load_kwargs)(_prepare_kbit_lora)
 
 
 @register("prefix")
@@ -257,3 +239,7 @@ def store_frozen_linears(model: nn.Module, dtype) -> int:
             module.bias.data = module.bias.data.to(dtype)
         converted += 1
     return converted
+
+
+# DoRA, rsLoRA, PiSSA/OLoRA, LoRA+, (IA)³, AdaLoRA: registered on import, after the above.
+from tunelab.train import peft_methods  # noqa: E402,F401

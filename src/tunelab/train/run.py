@@ -11,7 +11,7 @@ from typing import Any
 
 from tunelab.config import RunConfig
 from tunelab.errors import TunelabError
-from tunelab.train.collate import SFTCollator, pack_examples
+from tunelab.train.collate import pack_examples
 from tunelab.train.methods import get_method, store_frozen_linears, trainable_line
 from tunelab.train.runfolder import checkpoint_step, find_checkpoint, prepare_output_dir, save_run
 
@@ -35,18 +35,23 @@ def _split(examples: list, val_size: float, seed: int) -> tuple[list, list]:
             [e for i, e in enumerate(examples) if i in held])
 
 
-def build_examples(cfg: RunConfig, tokenizer) -> tuple[list[dict], list[dict], str]:
-    """Read, encode and split the data: (train examples, eval examples, encode summary)."""
+def build_examples(cfg: RunConfig, tokenizer, encode_all=None) -> tuple[list[dict], list[dict], str]:
+    """Read, encode and split the data: (train examples, eval examples, encode summary).
+
+    ``encode_all(tokenizer, conversations, data_cfg) -> (examples, stats)`` replaces the text
+    encoding (the vision side expands image placeholders, ``tunelab.vision.train``).
+    """
     from tunelab.data.registry import load_datasets
-    from tunelab.data.render import encode_all
+    from tunelab.data.render import encode_all as encode_text
 
     if not cfg.data.train:
         raise TunelabError("data.train: no training data given (a file path or a dataset name)")
     d = cfg.data
+    encode_all = encode_all or (lambda tok, convs, d: encode_text(
+        tok, convs, d.cutoff_len, d.truncation, d.mask_history, d.train_on_prompt))
 
     def encode(specs):
-        convs = load_datasets(specs, d.dataset_dir, d.max_samples, cfg.train.seed)
-        return encode_all(tokenizer, convs, d.cutoff_len, d.truncation, d.mask_history, d.train_on_prompt)
+        return encode_all(tokenizer, load_datasets(specs, d.dataset_dir, d.max_samples, cfg.train.seed), d)
 
     train_ex, stats = encode(d.train)
     if not train_ex:
@@ -75,6 +80,8 @@ def training_arguments(cfg: RunConfig, out: Path, steps_per_epoch: int, has_eval
     import torch
     from transformers import TrainingArguments
 
+    from tunelab.train import trackers
+
     t = cfg.train
     total = t.max_steps if t.max_steps > 0 else math.ceil(steps_per_epoch * t.epochs)
     eval_kwargs: dict[str, Any] = {"eval_strategy": "no"}
@@ -96,7 +103,8 @@ def training_arguments(cfg: RunConfig, out: Path, steps_per_epoch: int, has_eval
         bf16=bool(t.bf16) if bf16 is None else bf16,
         use_cpu=not torch.cuda.is_available(), activation_checkpointing=t.gradient_checkpointing,
         seed=t.seed, data_seed=t.seed, logging_steps=t.logging_steps, logging_first_step=True,
-        report_to="none", remove_unused_columns=False, prediction_loss_only=True,
+        report_to=trackers.configure(t.report_to, out) or "none", neftune_noise_alpha=t.neftune_alpha,
+        remove_unused_columns=False, prediction_loss_only=True,
         train_sampling_strategy="group_by_length" if cfg.data.group_by_length else "random",
         disable_tqdm=True, dataloader_num_workers=0, ddp_find_unused_parameters=False,
         **save, **eval_kwargs,
@@ -123,16 +131,13 @@ def _prepare_folder(cfg: RunConfig) -> tuple[Path, str | None]:
     return prepare_output_dir(cfg)  # config.yaml is written with the model, at the end
 
 
-def _build_trainer(cfg, model, tokenizer, args, train_ds, eval_ds, out, checkpoint, callbacks):
+def _build_trainer(cfg, stage, model, tokenizer, args, train_ds, eval_ds, out, checkpoint, callbacks):
     from transformers import EarlyStoppingCallback, PrinterCallback
 
     from tunelab.train.callbacks import MetricsLogger, ProgressBar, SaveOnInterrupt
     from tunelab.train.threads import ThreadGovernor
-    from tunelab.train.trainer import SFTTrainer
 
-    collator = SFTCollator(tokenizer.pad_token_id)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         data_collator=collator, processing_class=tokenizer)
+    trainer = stage.make_trainer(cfg, model, tokenizer, args, train_ds, eval_ds)  # collator and loss
     trainer.remove_callback(PrinterCallback)  # our progress bar shows the logs instead
     metrics = MetricsLogger(out / "metrics.jsonl", trainer, checkpoint_step(checkpoint) if checkpoint else None)
     interrupt = SaveOnInterrupt()
@@ -167,23 +172,35 @@ def train(cfg: RunConfig, callbacks: list | None = None) -> Path:
     ``callbacks`` are extra transformers ``TrainerCallback`` objects (tests use one to
     stop mid-run). Ctrl-C saves a checkpoint and raises ``KeyboardInterrupt``.
     """
+    from tunelab.vision.settings import wants_vision
+
+    if wants_vision(cfg.model):  # a tower -> projector -> LLM composite: tunelab.vision.train
+        from tunelab.vision.train import train_vlm
+
+        return train_vlm(cfg, callbacks)
     from transformers import set_seed
 
     from tunelab.models import load_model, load_tokenizer
     from tunelab.train.budget import from_config
+    from tunelab.train.stages import get_stage
 
     started = time.monotonic()
     budget = from_config(cfg.train)  # loading the data and the model counts against train.max_time
     method = get_method(cfg.method.name)
+    stage = get_stage(cfg.train.stage)
     if method.preflight:
         method.preflight(cfg.method)  # before any slow load: fail fast on this machine
+    if stage.check:
+        stage.check(cfg)
+    # Data before weights: a bad data file fails in seconds, not after a slow model load;
+    # and before the run folder, so bad data never costs the run that overwrite=true would replace.
+    train_ex, eval_ex, encode_summary = stage.build_examples(cfg, load_tokenizer(cfg.model, padding_side="right"))
     out, checkpoint = _prepare_folder(cfg)
-    # Data before weights: a bad data file fails in seconds, not after a slow model load.
-    train_ex, eval_ex, encode_summary = build_examples(cfg, load_tokenizer(cfg.model, padding_side="right"))
-    train_ds = to_dataset(train_ex, cfg.data.packing, cfg.data.cutoff_len)
-    eval_ds = to_dataset(eval_ex, False, cfg.data.cutoff_len) if eval_ex else None
-    _say(f"data: {len(train_ex)} train / {len(eval_ex)} eval examples ({encode_summary})"
-         + (f"; packed into {len(train_ds)} rows" if cfg.data.packing else ""))
+    train_ds = stage.to_dataset(train_ex, cfg, True)
+    eval_ds = stage.to_dataset(eval_ex, cfg, False) if eval_ex else None
+    label = "data" if cfg.train.stage == "sft" else f"{cfg.train.stage} data"
+    _say(f"{label}: {len(train_ex)} train / {len(eval_ex)} eval examples ({encode_summary})"
+         + (f"; packed into {len(train_ds)} rows" if "position_ids" in train_ds.column_names else ""))
     per_step = cfg.train.batch_size * cfg.train.grad_accum * int(os.environ.get("WORLD_SIZE", "1"))
     # TrainingArguments before the model: under DeepSpeed ZeRO-3 it makes loading sharded.
     precision, threads = decide_hardware(cfg)
@@ -192,6 +209,7 @@ def train(cfg: RunConfig, callbacks: list | None = None) -> Path:
     set_seed(cfg.train.seed)  # adapter initialisation is random: same seed, same start
     extra = method.load_kwargs(cfg.method) if method.load_kwargs else {}
     model, tokenizer = load_model(cfg.model, for_training=True, **extra)
+    from_adapter = hasattr(model, "peft_config")  # a run folder's adapter, loaded trainable
     model = method.prepare(model, cfg.method)
     if precision.value == "bf16" and cfg.train.bf16_frozen_weights:
         import torch
@@ -202,8 +220,14 @@ def train(cfg: RunConfig, callbacks: list | None = None) -> Path:
     if budget is not None:
         budget.eval_rows = len(eval_ex)
         callbacks = [budget, *(callbacks or [])]
+    if method.callbacks:
+        callbacks = [*method.callbacks(model, cfg.method), *(callbacks or [])]
     trainer, metrics, interrupt = _build_trainer(
-        cfg, model, tokenizer, args, train_ds, eval_ds, out, checkpoint, callbacks)
+        cfg, stage, model, tokenizer, args, train_ds, eval_ds, out, checkpoint, callbacks)
+    if stage.setup:
+        stage.setup(trainer, cfg, from_adapter, _say)  # e.g. the DPO reference
+    if method.optimizer:
+        trainer.optimizer = method.optimizer(model, cfg.method, args)  # None: Trainer's own AdamW
     if checkpoint:
         _say(f"resuming from {checkpoint}")
     trainer.train(resume_from_checkpoint=checkpoint)
@@ -216,7 +240,7 @@ def train(cfg: RunConfig, callbacks: list | None = None) -> Path:
         trainer.evaluate()  # the run always ends with an eval loss when there is eval data
     if trainer.efficiency is not None:
         _say(f"efficiency: {trainer.efficiency:.1%} of computed tokens were real "
-             f"({'packed' if cfg.data.packing else 'padded'} rows)")
+             f"({'packed' if 'position_ids' in train_ds.column_names else 'padded'} rows)")
     summary = _summary(trainer, metrics, started, {
         "trainable": trainable_line(trainer.model), "train_examples": len(train_ex),
         "eval_examples": len(eval_ex), "encode": encode_summary,
@@ -226,4 +250,6 @@ def train(cfg: RunConfig, callbacks: list | None = None) -> Path:
         summary["time_budget"] = budget.describe()
         _say(summary["time_budget"])
     save_run(trainer, tokenizer, cfg, out, summary, metrics.records)
+    if method.finalize and trainer.is_world_process_zero():
+        method.finalize(trainer.accelerator.unwrap_model(trainer.model), cfg.method, out)
     return out

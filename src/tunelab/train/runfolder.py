@@ -89,10 +89,22 @@ def plot_losses(records: list[dict[str, Any]], path: Path, title: str) -> Path |
         ax.plot(*zip(*evals), label="eval loss", color="tab:orange", marker="o", linewidth=1.6)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (mean per supervised token)")
+    preference = any("reward_margin" in r or "eval_reward_margin" in r for r in records)
+    ax.set_ylabel("loss (mean per pair)" if preference else "loss (mean per supervised token)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend()
+    handles = ax.get_legend_handles_labels()
+    if preference:  # the dpo stage: reward margin (train) and reward accuracy (held-out pairs)
+        ax2 = ax.twinx()
+        for key, label, color in (("reward_margin", "reward margin", "tab:green"),
+                                  ("eval_reward_accuracy", "eval reward accuracy", "tab:red")):
+            points = [(r["step"], r[key]) for r in records if key in r]
+            if points:
+                ax2.plot(*zip(*points), label=label, color=color, linewidth=1.2, linestyle="--")
+        ax2.set_ylabel("reward margin / accuracy")
+        more = ax2.get_legend_handles_labels()
+        handles = (handles[0] + more[0], handles[1] + more[1])
+    ax.legend(*handles)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp)
@@ -119,7 +131,7 @@ def write_readme(out: Path, cfg: RunConfig, summary: dict[str, Any], records: li
         ("data", data),
         ("examples", f"{summary.get('train_examples')} train, {summary.get('eval_examples', 0)} eval; "
                      f"{summary.get('encode', '')}"),
-        ("batching", f"{'packed' if cfg.data.packing else 'padded'} rows, batch {cfg.train.batch_size} × "
+        ("batching", f"{'packed' if cfg.data.packing or cfg.train.stage == 'pt' else 'padded'} rows, batch {cfg.train.batch_size} × "
                      f"accumulation {cfg.train.grad_accum} × {summary.get('processes', 1)} process(es); "
                      f"efficiency {_fmt(summary.get('efficiency'), '.1%')} real tokens"),
         ("steps", f"{summary.get('steps')} optimizer steps, {_fmt(summary.get('epochs'), '.2f')} epochs"),
@@ -130,6 +142,11 @@ def write_readme(out: Path, cfg: RunConfig, summary: dict[str, Any], records: li
         ("precision", summary.get("precision") or f"train.bf16={cfg.train.bf16}"),
         ("threads", summary.get("threads", "—")),
     ]
+    if cfg.train.stage != "sft":
+        rows.insert(2, ("stage", cfg.train.stage + (f" ({cfg.train.pref_loss})" if cfg.train.stage == "dpo" else "")))
+    if _last(records, "eval_reward_accuracy") is not None:
+        rows.append(("final eval reward accuracy / margin", f"{_fmt(_last(records, 'eval_reward_accuracy'))} / "
+                                                             f"{_fmt(_last(records, 'eval_reward_margin'))}"))
     if summary.get("time_budget"):
         after_steps = 1 + [key for key, _ in rows].index("steps")
         rows.insert(after_steps, ("time budget", summary["time_budget"].removeprefix("time budget ")))

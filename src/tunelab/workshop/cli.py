@@ -1,4 +1,4 @@
-"""``tunelab data build|mix|clean|distill``: thin wrappers over the workshop functions.
+"""``tunelab data build|mix|clean|distill|mistakes``: thin wrappers over the workshop functions.
 
 ``tunelab.data.cli`` calls ``register_data_commands`` to add these sub-verbs.
 """
@@ -15,7 +15,7 @@ from tunelab.errors import TunelabError
 
 
 def register_data_commands(data_sub: argparse._SubParsersAction) -> None:
-    """Add ``build``, ``mix``, ``clean`` and ``distill`` under ``tunelab data``."""
+    """Add ``build``, ``mix``, ``clean``, ``distill`` and ``mistakes`` under ``tunelab data``."""
     p = data_sub.add_parser("build", help="build a dataset: a built-in NAME or a RECIPE.yaml")
     p.add_argument("target", nargs="?", help="built-in dataset name (see --list) or a recipe YAML file")
     p.add_argument("--out", help="output folder (required for built-ins; recipes default to their `out`)")
@@ -60,6 +60,20 @@ def register_data_commands(data_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--concurrency", type=int)
     p.add_argument("--output", help="override the output JSONL")
     p.set_defaults(func=_distill)
+
+    p = data_sub.add_parser("mistakes", help="preference pairs from a model's wrong answers (for train.stage=dpo)")
+    p.add_argument("model", help="model spec or run folder that answers (e.g. the SFT run)")
+    p.add_argument("datasets", nargs="+", metavar="DATASET", help="prompts with reference answers (files or names)")
+    p.add_argument("--out", required=True, help="output folder (NAME_train.jsonl + dataset_info.json, ranking: true)")
+    p.add_argument("--name", default="mistakes")
+    p.add_argument("--samples", type=int, default=1, help="answers per prompt: 1 = greedy, more = sampled")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature when --samples > 1")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-samples", type=int, help="use at most N prompts per dataset (seeded shuffle)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--dataset-dir", help="folder with a dataset_info.json for named datasets")
+    p.set_defaults(func=_mistakes)
 
 
 def _amount(text: str) -> int | float:
@@ -177,3 +191,16 @@ def _distill(args: argparse.Namespace) -> int:
     for problem in report.failed[:5]:
         print(f"failed: {problem}")
     return 1 if report.failed else 0
+
+
+def _mistakes(args: argparse.Namespace) -> int:
+    from tunelab.workshop.mistakes import mistake_pairs
+
+    report = mistake_pairs(args.model, args.datasets, args.out, dataset_dir=args.dataset_dir,
+                           max_samples=args.max_samples, samples=args.samples, temperature=args.temperature,
+                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
+                           name=args.name)
+    _table(f"{args.name} -> {args.out}", ["", "count"], [
+        ["prompts", report.prompts], ["answers", report.answers], ["right (no pair)", report.correct],
+        ["empty (no pair)", report.empty], ["pairs written", report.pairs]])
+    return 0

@@ -26,13 +26,17 @@ def write_dataset(
     info: dict[str, Any] | None = None,
     formatting: str = "alpaca",
     file_prefix: str = "",
+    columns: dict[str, str] | None = None,
+    ranking: bool = False,
 ) -> dict[str, int]:
     """Write ``splits`` as ``OUT/<prefix><split>.jsonl`` and register them; return split sizes.
 
     Each split is registered as ``<name>_<split>`` in ``OUT/dataset_info.json`` (entries
     already there for other names are kept, so several builds can share a folder).
     Empty splits are not written. ``file_prefix`` (e.g. ``"norm_"``) lets several
-    datasets share a folder, as the seed's ``sft_dataset/norm_train.jsonl`` do.
+    datasets share a folder, as the seed's ``sft_dataset/norm_train.jsonl`` do. ``columns``
+    maps the registry's logical fields (``{"prompt": "text"}`` for raw text) instead of the
+    alpaca columns found in the rows; ``ranking`` marks preference pairs (``chosen``/``rejected``).
     """
     out = Path(out_dir)
     sizes = {split: len(rows) for split, rows in splits.items() if rows}
@@ -53,7 +57,11 @@ def write_dataset(
         file_name = f"{file_prefix}{split}.jsonl"
         write_jsonl(out / file_name, rows)
         entry: dict[str, Any] = {"file_name": file_name, "formatting": formatting}
-        if formatting == "alpaca":
+        if ranking:
+            entry["ranking"] = True
+        if columns is not None:
+            entry["columns"] = dict(columns)
+        elif formatting == "alpaca":
             present = set().union(*(row.keys() for row in rows))
             entry["columns"] = {k: v for k, v in ALPACA_COLUMNS.items() if v in present}
         registry[f"{name}_{split}"] = entry

@@ -1,0 +1,53 @@
+// Runs probe prompts through real llama.cpp (node-llama-cpp's prebuilt binaries).
+// stdin: {"model": path, "threads": 1, "prompts": [[ids]], "answers": [[ids]], "max_new_tokens": n,
+//         "stops": [ids], "texts": [str]}
+// stdout: {"greedy": [[ids]], "forced_top1": [[ids]], "tokens": [[ids]], "seconds": s, "greedy_seconds": s}
+// greedy: llama.cpp's own greedy answer; forced_top1: its argmax at each position of the
+// source's answer (teacher forcing); tokens: llama.cpp's tokenization of each text.
+import {getLlama} from "node-llama-cpp";
+
+const chunks = [];
+for await (const chunk of process.stdin) chunks.push(chunk);
+const job = JSON.parse(Buffer.concat(chunks).toString("utf8"));
+
+const llama = await getLlama({build: "never", gpu: false, logLevel: "error"});
+const model = await llama.loadModel({modelPath: job.model, gpuLayers: 0});
+const longest = Math.max(...job.prompts.map((p, i) => p.length + Math.max(job.answers[i].length, job.max_new_tokens)));
+const context = await model.createContext({contextSize: Math.max(256, longest + 8), threads: job.threads ?? 1,
+                                           sequences: 1});
+const sequence = context.getSequence();
+const stops = new Set(job.stops ?? []);
+const started = Date.now();
+const greedy = [];
+const forced = [];
+let greedySeconds = 0;
+for (let i = 0; i < job.prompts.length; i++) {
+    const prompt = job.prompts[i];
+    const answer = job.answers[i];
+    await sequence.clearHistory();
+    const out = [];
+    const greedyStarted = Date.now();
+    for await (const token of sequence.evaluate(prompt, {temperature: 0})) {
+        out.push(token);
+        if (stops.has(token) || out.length >= Math.max(answer.length, 1)) break;
+    }
+    greedySeconds += (Date.now() - greedyStarted) / 1000;
+    greedy.push(out);
+    await sequence.clearHistory();
+    const input = prompt.concat(answer.slice(0, -1)).map((token, position) =>
+        position >= prompt.length - 1 ? [token, {generateNext: {token: true, options: {temperature: 0}}}] : token);
+    const result = await sequence.controlledEvaluate(input);
+    const top1 = [];
+    for (let position = prompt.length - 1; position < input.length; position++)
+        top1.push(result[position]?.next?.token ?? -1);
+    forced.push(answer.length ? top1 : []);
+}
+const tokens = (job.texts ?? []).map((text) => Array.from(model.tokenize(text, true)));
+// where llama.cpp's own end-of-generation set would have ended each source answer (-1: nowhere)
+const eog = job.answers.map((answer) => answer.findIndex((token) => model.isEogToken(token)));
+process.stdout.write(JSON.stringify({greedy, forced_top1: forced, tokens, eog, seconds: (Date.now() - started) / 1000,
+                                     greedy_seconds: greedySeconds,
+                                     max_rss_bytes: process.resourceUsage().maxRSS * 1024}));
+await context.dispose();
+await model.dispose();
+await llama.dispose();

