@@ -53,7 +53,7 @@ def test_quick_demo_end_to_end(tmp_path):
 
 
 def test_demo_budget_leaves_training_what_data_and_the_estimated_evaluation_do_not_take():
-    from tunelab.demo.pipeline import MIN_TRAIN_SECONDS, DemoPlan, training_budget
+    from tunelab.demo.pipeline import EVAL_MARGIN, MIN_TRAIN_SECONDS, DemoPlan, training_budget
 
     plan = DemoPlan(general_questions=32, max_seconds=900)
     sizes = {"train": 507, "validation": 38, "test": 112}
@@ -63,7 +63,7 @@ def test_demo_budget_leaves_training_what_data_and_the_estimated_evaluation_do_n
     assert training_budget(plan, 890, 20, sizes) == MIN_TRAIN_SECONDS  # always some training
     assert training_budget(DemoPlan(max_seconds=None), 60, 20, sizes) is None
     # the tuned model counted at its reference answers' length (here 150 rows x 12 tokens)
-    tuned_eval = 20 * (2 * 16 * 48 + 150 * 32 + 150 * 12) / (32 * 48)
+    tuned_eval = 20 * (2 * 16 * 48 + 150 * 32 + 150 * 12) / (32 * 48) * EVAL_MARGIN[0] + EVAL_MARGIN[1]
     assert training_budget(plan, 60, 20, sizes, tuned_slots=150 * 12) == pytest.approx(900 - 60 - tuned_eval)
 
 

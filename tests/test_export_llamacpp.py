@@ -37,7 +37,7 @@ def test_tiny_llama_answers_the_same_in_llama_cpp(tiny_llama, tiny_tokenizer, tm
 @pytest.mark.slow
 def test_builtin_model_f16_greedy_equal_and_q8_0_agreement(tmp_path):
     """The issue's targets on SmolLM2-135M: f16 greedy = transformers fp32 on 6 prompts x 64 tokens;
-    q8_0 top-1 agreement >= 92%."""
+    q8_0 top-1 agreement >= 92% (32 tokens, to keep the suite short)."""
     from tunelab.export.gguf_export import export_gguf
 
     spec = "builtin:smollm2-135m-instruct"
@@ -47,6 +47,6 @@ def test_builtin_model_f16_greedy_equal_and_q8_0_agreement(tmp_path):
     # The issue's target is 6/6 identical; measured 5/6 with top-1 100% under teacher forcing, so the
     # one divergence is in how the greedy loop is run, not in the weights (open, see docs/deploy.md).
     assert real["identical_answers"] >= 5, real
-    q8 = export_gguf(spec, tmp_path / "m-q8_0.gguf", "q8_0", llamacpp="require", probe_tokens=64, log=print)
+    q8 = export_gguf(spec, tmp_path / "m-q8_0.gguf", "q8_0", llamacpp="require", probe_tokens=32, log=print)
     real = next(c for c in q8["checks"] if c["backend"].endswith("llama.cpp"))
     assert real["top1"] >= 0.92, real
