@@ -11,7 +11,8 @@ are done once instead of ``rows`` times.
 
 It applies to a single-process, unpacked, right-padded batch of a decoder with plain
 full-attention caches, without gradient checkpointing (recomputation would write the
-cache twice) and without prompt-learning methods (they inject a cache of their own).
+cache twice), without prompt-learning methods (they inject a cache of their own) and
+without NEFTune (its noise depends on the length of each embedding call; the trainer checks).
 Elsewhere, and when the shared tokens are too few to pay for the extra pass, the plain
 forward pass runs.
 """
