@@ -42,6 +42,7 @@ def main() -> int:
     from tunelab.export import llamacpp
     from tunelab.export.check import agreement_from_tokens, fingerprint, stop_ids
     from tunelab.export.gguf_export import export_gguf
+    from tunelab.export.verify import Source, merged
     from tunelab.models import load_model
     from tunelab.models.loading import resolve_spec
 
@@ -56,11 +57,11 @@ def main() -> int:
              "top1": 1.0, "identical": f"{len(ref.answers)}/{len(ref.answers)}"}]
     stops = stop_ids(model, tokenizer)
     texts = [tokenizer.decode(p) for p in ref.prompts]
-    del model
+    source = Source(merged(model, args.model), tokenizer, None, [])  # one load serves every export
     out_dir = Path(args.out_dir)
     for ftype in args.types.split(","):
         path = out_dir / f"model.{ftype}.gguf"
-        export_gguf(args.model, path, ftype, overwrite=True, check=False, log=lambda _: None)
+        export_gguf(args.model, path, ftype, overwrite=True, check=False, source=source, log=lambda _: None)
         result = llamacpp.run_probes(path, ref.prompts, ref.answers, stops, texts, args.tokens)
         agree = agreement_from_tokens(ref, result["forced_top1"], result["greedy"], ftype, stops=stops,
                                       eog=result["eog"])
@@ -71,7 +72,8 @@ def main() -> int:
                      "top1": round(agree.top1, 4), "identical": f"{agree.identical_answers}/{agree.prompts}"})
     probe = hardware.probe()
     print(f"CPU: {probe.cpu_model} ({probe.kind}), {probe.cores_available} cores, "
-          f"{probe.other_busy_cores:.1f} busy with other work at the start; 1 thread each")
+          f"{probe.other_busy_cores:.1f} busy with other work at the end; 1 thread each; llama.cpp flash attention "
+          f"{'on' if llamacpp.FLASH_ATTENTION is True else 'off'}")
     print("| format | size on disk (MB) | peak RAM (MB) | decode tok/s | top-1 agreement | identical answers |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -116,7 +116,7 @@ def test_mfu_headline_is_against_the_peak_of_the_dtype_trained_in():
     assert utilisation([{**run, "precision": "bf16"}], "lora", peaks)["mfu"] == 4.0
 
 
-def _bench(tmp_path, *args, timeout=300):
+def _bench(tmp_path, *args, timeout=900):
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), TUNELAB_CACHE=str(tmp_path / "cache"))
     for key in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "TUNELAB_BENCH_EMULATED_ON", "TUNELAB_THREADS"):
         env.pop(key, None)
@@ -126,6 +126,7 @@ def _bench(tmp_path, *args, timeout=300):
     return proc.stdout, json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.serial  # times the probe
 def test_emulate_avx2_reaches_torch_and_names_the_kind(tmp_path):
     out, machine = _bench(tmp_path, "--probe-only", "--emulate-avx2")
     assert machine["capability"] == "AVX2"  # set before torch was imported: the re-executed process
@@ -135,6 +136,7 @@ def test_emulate_avx2_reaches_torch_and_names_the_kind(tmp_path):
     assert f"kind:              {machine['cpu_kind']}" in out
 
 
+@pytest.mark.serial  # measures threads under a competing load
 def test_run_smoke_prints_the_headline_json(tmp_path):
     out, figures = _bench(tmp_path, "--smoke", "--workdir", str(tmp_path / "work"),
                           "--save", str(tmp_path / "results.json"))

@@ -251,3 +251,28 @@ def test_cli_gguf_export_and_one_line_errors(tiny_dir, tmp_path, capsys):
     assert err == "error: --gguf needs --out FILE.gguf"
     assert main(["export", str(tiny_dir), "--gguf", "f16", "--out", str(tmp_path / "m.bin")]) == 1
     assert "--out must name a .gguf file" in capsys.readouterr().err
+
+
+def test_one_source_serves_several_types_and_a_shorter_reference(tiny_dir, tiny_llama, tiny_tokenizer, tmp_path):
+    """A prepared source is reused unchanged, each report has only its own checks, and a
+    truncated fingerprint equals the shorter greedy fingerprint (what the slow tests rely on)."""
+    import dataclasses
+
+    from tunelab.export.check import fingerprint
+    from tunelab.export.gguf_export import export_gguf
+    from tunelab.export.verify import prepare_source
+
+    adapter = _adapter_folder(tiny_dir, tiny_llama, tmp_path, trained=True)
+    source = prepare_source(str(adapter), probe_tokens=12)
+    before = (list(source.checks), list(source.notes))
+    reports = [export_gguf(str(adapter), tmp_path / f"m-{t}.gguf", t, llamacpp="off", probe_tokens=12,
+                           source=source, log=lambda _: None) for t in ("f32", "q8_0")]
+    assert (source.checks, source.notes) == before and source.model is not None
+    assert [[c["backend"] for c in r["checks"]] for r in reports] == [
+        ["merged in memory", f"GGUF {t} in transformers' GGUF loader"] for t in ("f32", "q8_0")]
+    short = fingerprint(tiny_llama, tiny_tokenizer, 5)
+    assert fingerprint(tiny_llama, tiny_tokenizer, 12).truncated(5).answers == short.answers
+    shorter = dataclasses.replace(source, reference=source.reference.truncated(5))
+    report = export_gguf(str(adapter), tmp_path / "m-f16.gguf", "f16", llamacpp="off", source=shorter,
+                         log=lambda _: None)
+    assert report["checks"][-1]["tokens"] == sum(len(a) for a in shorter.reference.answers)

@@ -15,6 +15,9 @@ from tunelab import hardware
 from tunelab.config import load_config
 from tunelab.errors import TunelabError
 
+# the probe times matmuls and the load monitor watches the machine: alone, not beside other tests
+pytestmark = pytest.mark.serial
+
 AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 """Makes torch dispatch as on an AVX2-only CPU (bf16 matmuls ~100x slower than fp32)."""
 

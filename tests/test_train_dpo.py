@@ -241,3 +241,14 @@ def test_stage_the_method_cannot_do_writes_nothing(tiny_dir, pairs_file, tmp_pat
     with pytest.raises(TunelabError, match=r"bad.jsonl:1: rejected: identical"):
         run(tiny_dir, bad, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_reward_metrics_are_gathered_from_every_process(tmp_path):
+    """Two gloo processes: each logs the metrics of both processes' pairs, not only its own."""
+    import torch.multiprocessing as mp
+    from dist_helpers import gather_worker
+
+    mp.spawn(gather_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        got = json.loads((tmp_path / f"{rank}.json").read_text(encoding="utf-8"))
+        assert got == {"reward_accuracy": [0.0, 1.0, 1.0], "logp_chosen": [-1.0, -2.0]}

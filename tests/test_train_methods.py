@@ -52,6 +52,25 @@ def test_lora_target_list_and_unknown_target(tiny_llama):
         get_method("lora").prepare(copy.deepcopy(tiny_llama), MethodConfig(name="lora", target_modules=["nope"]))
 
 
+def test_lora_on_the_last_layers_only_stops_the_backward_below_them(tiny_llama):
+    model = get_method("lora").prepare(copy.deepcopy(tiny_llama), MethodConfig(name="lora", r=4, last_layers=1))
+    names = trainable_names(model)
+    assert names and all(".layers.1." in n for n in names)
+    assert {n.split(".")[-4] for n in names} == {"q_proj", "k_proj", "v_proj", "o_proj",
+                                                 "gate_proj", "up_proj", "down_proj"}
+    seen = []
+    lowest = decoder_layers(model)[0]
+    hook = lowest.register_forward_hook(
+        lambda module, args, out: seen.append((out[0] if isinstance(out, tuple) else out).requires_grad))
+    ids = torch.randint(3, 100, (2, 6))
+    model(input_ids=ids, labels=ids).loss.backward()
+    hook.remove()
+    assert seen == [False]  # no autograd graph below the adapted layer: the backward stops there
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+    with pytest.raises(TunelabError, match="method.last_layers: 3 is not between 1 and the model's 2 layers"):
+        get_method("lora").prepare(copy.deepcopy(tiny_llama), MethodConfig(name="lora", last_layers=3))
+
+
 def test_freeze_trains_only_the_last_layers(tiny_llama, capsys):
     assert len(decoder_layers(tiny_llama)) == 2
     model = get_method("freeze").prepare(copy.deepcopy(tiny_llama), MethodConfig(name="freeze", freeze_trainable_layers=1))

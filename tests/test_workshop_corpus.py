@@ -53,3 +53,22 @@ def test_category_text_and_excluded_terms(tmp_path):
     held.write_text('{"output": "x"}\n', encoding="utf-8")
     with pytest.raises(TunelabError, match=r"test.jsonl:1: term: missing"):
         build_builtin("icd10cm-text", tmp_path / "x", chapters=11, exclude=str(held))
+
+
+def test_chinese_disease_corpus_holds_out_whole_diseases(tmp_path, tiny_tokenizer):
+    pytest.importorskip("faker_healthcare")
+    from tunelab.data.text import load_documents
+    from tunelab.train.pretrain import document_ids
+
+    sizes = build_builtin("zh-disease-text", tmp_path, validation_fraction=0.1, test_fraction=0.1)
+    assert sizes == {"validation": 16, "test": 16, "train": 126}  # 158 diseases
+    train, test = _rows(tmp_path / "train.jsonl"), _rows(tmp_path / "test.jsonl")
+    assert not {r["disease"] for r in train} & {r["disease"] for r in test}
+    diabetes = next(r["text"] for r in train + test + _rows(tmp_path / "validation.jsonl")
+                    if r["disease"] == "非胰岛素依赖型糖尿病")
+    assert "(ICD-10 编码 E11.9)由内分泌科诊治" in diabetes and "二甲双胍" in diabetes
+    assert "Type 2 diabetes mellitus without complications" in diabetes  # the ICD-10-CM name, linked by code
+    docs = load_documents("zh-disease-text_test", tmp_path)
+    assert [d.text for d in docs] == [r["text"] for r in test]
+    ids = document_ids(tiny_tokenizer, docs[0].text)
+    assert tiny_tokenizer.decode(ids[:-1]) == docs[0].text and ids[-1] == tiny_tokenizer.eos_token_id

@@ -183,6 +183,7 @@ def add_generation_options(parser) -> None:
     group.add_argument("--top-k", type=int)
     group.add_argument("--repetition-penalty", type=float)
     group.add_argument("--num-beams", type=int)
+    group.add_argument("--no-repeat-ngram-size", type=int, help="never repeat an n-gram of this size (0 = off)")
     group.add_argument("--stop", action="append", help="stop string (repeatable)")
     group.add_argument("--seed", type=int)
     group.add_argument("--threads", type=int,
@@ -199,7 +200,7 @@ def settings_from_args(args) -> GenerationSettings:
 
         set_threads(args.threads)
     names = ("max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k",
-             "repetition_penalty", "num_beams", "stop", "seed")
+             "repetition_penalty", "num_beams", "stop", "seed", "no_repeat_ngram_size")
     return from_preset(args.preset, **{n: getattr(args, n, None) for n in names})
 
 

@@ -28,6 +28,7 @@ COMMANDS = {
     "serve": "tunelab.serve.cli",
     "demo": "tunelab.demo",
     "env": "tunelab.env",
+    "studio": "tunelab.studio.cli",
 }
 
 

@@ -131,6 +131,9 @@ class MethodConfig:
     each step (benchmarks/README.md), and short fine-tunes rarely need it."""
     target_modules: Any = "all-linear"
     """LoRA targets: ``all-linear`` or a list of module names (e.g. [q_proj, v_proj])."""
+    last_layers: int | None = None
+    """LoRA family: adapters in the last N decoder layers only (None: every layer). The
+    backward pass then stops at the lowest adapted layer, so a step costs less."""
     freeze_trainable_layers: int = 2
     """``freeze``: number of last decoder layers that train."""
     freeze_train_head: bool = False
@@ -175,17 +178,22 @@ class TrainConfig:
     stage: str = "sft"
     """What the run learns (``tunelab.train.stages``): ``sft`` (answers of conversations), ``pt``
     (continued pre-training on raw text, packed, loss on every token), ``dpo`` (preference pairs;
-    the objective is ``pref_loss``)."""
+    the objective is ``pref_loss``), ``kto`` (unpaired answers tagged desirable/undesirable)."""
     pref_loss: str = "sigmoid"
     """``dpo`` stage objective: ``sigmoid`` (DPO), ``orpo`` or ``simpo`` (both reference-free)."""
     pref_beta: float = 0.1
-    """DPO/SimPO: beta (strength of the preference); ORPO: weight of the odds-ratio term."""
+    """DPO/SimPO/KTO: beta (strength of the preference); ORPO: weight of the odds-ratio term."""
     simpo_gamma: float = 0.5
     """SimPO: target reward margin."""
     pref_ftx: float = 0.0
-    """DPO/SimPO: add this × the chosen answer's mean token loss (an SFT term); ORPO always has it."""
+    """DPO/SimPO/KTO: add this × the chosen (KTO: desirable) answer's mean token loss (an SFT
+    term); ORPO always has it."""
+    kto_chosen_weight: float = 1.0
+    """KTO: weight of the desirable examples' loss (raise it when they are the rarer kind)."""
+    kto_rejected_weight: float = 1.0
+    """KTO: weight of the undesirable examples' loss."""
     pref_reference: str = "auto"
-    """DPO reference: ``adapter`` (the policy with its fresh adapter disabled: no second copy),
+    """DPO/KTO reference: ``adapter`` (the policy with its fresh adapter disabled: no second copy),
     ``precompute`` (the starting model's log-probs computed once before training), ``auto``
     (adapter where that equals the starting model, else precompute)."""
     epochs: float = 1.0
@@ -254,7 +262,10 @@ class TrainConfig:
                 ("cosine", "linear", "constant", "constant_with_warmup"))
         _choice("train", "save_strategy", self.save_strategy, ("no", "steps", "epoch"))
         _choice("train", "bf16", self.bf16, (True, False, "auto", "force"))
-        _choice("train", "stage", self.stage, ("sft", "pt", "dpo"))
+        _choice("train", "stage", self.stage, ("sft", "pt", "dpo", "kto"))
+        for name in ("kto_chosen_weight", "kto_rejected_weight"):
+            if getattr(self, name) <= 0:
+                raise TunelabError(f"train.{name}: {getattr(self, name)} must be > 0")
         _choice("train", "pref_loss", self.pref_loss, ("sigmoid", "orpo", "simpo"))
         _choice("train", "pref_reference", self.pref_reference, ("auto", "adapter", "precompute"))
         if self.max_time is not None:
@@ -273,6 +284,9 @@ class EvalConfig:
     max_new_tokens: int = 64
     preset: str = "greedy"
     """Generation preset: greedy, sampling, beam."""
+    generation: dict[str, Any] = field(default_factory=dict)
+    """Generation settings over the preset, by ``tunelab.generation.GenerationSettings`` name, e.g.
+    R2GenGPT's ``{num_beams: 3, min_new_tokens: 80, repetition_penalty: 1.2, no_repeat_ngram_size: 2}``."""
     max_samples: int | None = None
     output_dir: str | None = None
     """Where report.md/html/json go (default: <output_dir>/eval)."""

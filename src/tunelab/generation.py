@@ -54,6 +54,9 @@ class GenerationSettings:
     """Strings that end the answer; the answer is cut before the first one."""
     seed: int | None = None
     """Seed for sampling, so sampled answers can be reproduced."""
+    no_repeat_ngram_size: int = 0
+    """Never repeat an n-gram of this many tokens (0 = off; R2GenGPT declares 2). Decoding
+    then goes through transformers' ``generate``, which implements it."""
 
     def __post_init__(self) -> None:
         stop = self.stop
@@ -72,6 +75,8 @@ class GenerationSettings:
             ("top_k", _is_int(self.top_k) and self.top_k >= 0, "must be an integer >= 0"),
             ("repetition_penalty", _is_num(self.repetition_penalty) and self.repetition_penalty > 0, "must be > 0"),
             ("num_beams", _is_int(self.num_beams) and self.num_beams >= 1, "must be an integer >= 1"),
+            ("no_repeat_ngram_size", _is_int(self.no_repeat_ngram_size) and self.no_repeat_ngram_size >= 0,
+             "must be an integer >= 0"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be a list of non-empty strings"),
             ("seed", self.seed is None or _is_int(self.seed), "must be an integer"),
         ]
@@ -289,7 +294,8 @@ def eos_token_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def _generation_kwargs(settings: GenerationSettings, max_new_tokens: int, pad_id: int, eos: set[int]) -> dict:
+def generation_kwargs(settings: GenerationSettings, max_new_tokens: int, pad_id: int, eos: set[int]) -> dict:
+    """Keyword arguments for transformers' ``generate`` that carry out ``settings``."""
     # When sampling, every sampling field is set explicitly: transformers fills unset ones
     # from the checkpoint's generation_config (e.g. top_k=50), which would make our
     # settings mean different things per model. Greedy decoding ignores them.
@@ -303,6 +309,8 @@ def _generation_kwargs(settings: GenerationSettings, max_new_tokens: int, pad_id
         kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
     if settings.num_beams > 1:
         kwargs["early_stopping"] = True
+    if settings.no_repeat_ngram_size:
+        kwargs["no_repeat_ngram_size"] = settings.no_repeat_ngram_size
     return kwargs
 
 
@@ -318,8 +326,13 @@ def generate_ids(
     cancel: Sequence[threading.Event | None] | None = None,
     max_rows: int | None = None,
     fast_greedy: bool = True,
+    images: Sequence[Any] | None = None,
 ) -> list[GenerationResult]:
     """Generate for tokenised prompts, at most ``max_rows`` rows at once (default: all).
+
+    ``images`` is for vision-language models (``tunelab.vision``): each row's image spans, in
+    the order of its placeholder runs (``[]`` for a row without images); the model turns a
+    batch's spans into its ``generate`` inputs (``model.image_inputs``).
 
     ``limits`` gives each row its own max_new_tokens (default: the settings'). From this
     thread, ``on_text(row, piece)`` gets text as it becomes final and ``on_done(row,
@@ -347,21 +360,23 @@ def generate_ids(
     max_rows = max_rows or len(prompt_ids)
     model.eval()
     with torch.inference_mode():
-        if fast_greedy and settings.greedy and settings.num_beams == 1 and fast_greedy_applies(
-                model, settings.repetition_penalty):
+        if images is None and fast_greedy and settings.greedy and settings.num_beams == 1 \
+                and not settings.no_repeat_ngram_size and fast_greedy_applies(model, settings.repetition_penalty):
             greedy_decode(model, prompt_ids, rows.push, max_new_tokens=max(limits), pad_id=pad_id,
                           eos_ids=eos, min_new_tokens=settings.min_new_tokens, max_rows=max_rows)
         else:
             for start in range(0, len(prompt_ids), max_rows):
                 members = range(start, min(start + max_rows, len(prompt_ids)))
-                _transformers_generate(model, prompt_ids, rows, list(members), settings, pad_id, eos)
+                _transformers_generate(model, prompt_ids, rows, list(members), settings, pad_id, eos, images)
     # Rows still open here ran into their token limit.
     return [rows.finish(row, "length") for row in range(len(prompt_ids))]
 
 
 def _transformers_generate(model, prompt_ids, rows: _Rows, members: list[int], settings: GenerationSettings,
-                           pad_id: int, eos: set[int]) -> None:
-    """One ``model.generate`` call for the ``members`` rows; ``rows`` sees every token."""
+                           pad_id: int, eos: set[int], images: Sequence[Any] | None = None) -> None:
+    """One ``model.generate`` call for the ``members`` rows; ``rows`` sees every token.
+
+    With ``images`` the model generates from embeddings, so its output holds new tokens only."""
     import torch
 
     batch = [prompt_ids[row] for row in members]
@@ -370,7 +385,9 @@ def _transformers_generate(model, prompt_ids, rows: _Rows, members: list[int], s
     input_ids = torch.tensor([[pad_id] * (width - len(ids)) + list(ids) for ids in batch])
     attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
     device = getattr(model, "device", torch.device("cpu"))
-    kwargs = _generation_kwargs(settings, max(rows.limits[row] for row in members), pad_id, eos)
+    kwargs = generation_kwargs(settings, max(rows.limits[row] for row in members), pad_id, eos)
+    if images is not None:
+        kwargs.update(model.image_inputs([images[row] for row in members]))
     if settings.num_beams == 1:
         from transformers import StoppingCriteriaList
 
@@ -379,8 +396,9 @@ def _transformers_generate(model, prompt_ids, rows: _Rows, members: list[int], s
         torch.manual_seed(settings.seed)
     output = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
     if settings.num_beams > 1:  # no per-step hook in beam search: replay the winners
+        start = 0 if images is not None else width
         for local, row in enumerate(members):
-            for token in output[local, width:].tolist():
+            for token in output[local, start:].tolist():
                 rows.push(row, token)
 
 
@@ -410,14 +428,20 @@ def generate(
         raise TunelabError(f"generation: batch_size {batch_size} must be >= 1")
     if prompts and isinstance(prompts[0], dict):
         raise TunelabError("generate: prompts is one conversation; pass a list of prompts ([messages])")
-    encoded = [render_prompt(tokenizer, p) for p in prompts]
+    images = None
+    if hasattr(model, "encode_prompt"):  # a vision-language model: placeholders expanded, images per row
+        pairs = [model.encode_prompt(tokenizer, p) for p in prompts]
+        encoded, images = [ids for ids, _ in pairs], [spans for _, spans in pairs]
+    else:
+        encoded = [render_prompt(tokenizer, p) for p in prompts]
     for index, ids in enumerate(encoded):
         check_context(model, len(ids), settings.max_new_tokens, where=f"prompt {index}")
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     results: list[GenerationResult | None] = [None] * len(encoded)
     with tqdm(total=len(encoded), desc="generating", unit="prompt", disable=not progress) as bar:
         answers = generate_ids(model, tokenizer, [encoded[i] for i in order], settings, max_rows=batch_size,
-                               on_done=lambda _row, _result: bar.update(1), fast_greedy=fast_greedy)
+                               on_done=lambda _row, _result: bar.update(1), fast_greedy=fast_greedy,
+                               images=None if images is None else [images[i] for i in order])
     for index, answer in zip(order, answers):
         results[index] = answer
     return results  # type: ignore[return-value]

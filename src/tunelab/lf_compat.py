@@ -56,6 +56,7 @@ DIRECT = {
     # the dpo stage (train.stage: dpo); pref_loss values tunelab lacks are refused by train.pref_loss
     "pref_beta": "train.pref_beta", "pref_loss": "train.pref_loss", "pref_ftx": "train.pref_ftx",
     "simpo_gamma": "train.simpo_gamma",
+    "kto_chosen_weight": "train.kto_chosen_weight", "kto_rejected_weight": "train.kto_rejected_weight",
 }
 
 # Keys that tune LLaMA-Factory's or transformers' own machinery: accepted, with a note.
@@ -163,8 +164,8 @@ def _stage_field() -> str | None:
 
 def _stage(t: Translation, key: str, value: Any, lf: dict) -> None:
     target = _stage_field()
-    if value in ("rm", "ppo", "kto"):
-        raise t.refuse(key, f"{value!r}: tunelab has no reward-model, PPO or KTO stage")
+    if value in ("rm", "ppo"):
+        raise t.refuse(key, f"{value!r}: tunelab has no reward-model or PPO stage")
     if target:
         t.set(target, value)  # the stage field validates the name
     elif value != "sft":

@@ -67,6 +67,15 @@ def open_image(path: str, where: str = ""):
         raise TunelabError(f"{prefix}images: {shown}: cannot be read as an image ({exc})") from None
 
 
+def resolve_images(conv: Conversation, dataset_dir: str | Path | None = None) -> Conversation:
+    """A copy whose image parts name the files found (``resolve_image``); text-only: ``conv`` itself."""
+    if not any(isinstance(p, ImagePart) for m in conv.messages for p in m.content):
+        return conv
+    messages = [Message(m.role, [ImagePart(resolve_image(p.ref, conv, dataset_dir)) if isinstance(p, ImagePart)
+                                 else p for p in m.content], m.learn) for m in conv.messages]
+    return Conversation(messages, conv.source, dict(conv.meta))
+
+
 def image_problems(conversations: Iterable[Conversation], dataset_dir: str | Path | None = None) -> list[str]:
     """Every missing or unreadable image and stray placeholder, one line each (``data check``)."""
     problems = []

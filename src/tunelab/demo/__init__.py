@@ -7,7 +7,10 @@ import argparse
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("demo", help="end-to-end: build data, evaluate, LoRA-tune, evaluate again")
-    parser.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
+    parser.add_argument("kind", nargs="?", choices=["vlm"],
+                        help="vlm: the vision-language demo (shapes scenes, EfficientNet-Lite0 + the builtin "
+                             "model, two stages, three baselines)")
+    parser.add_argument("--out", help="run folder (default: runs/demo, or runs/demo-vlm)")
     parser.add_argument("--quick", action="store_true", help="a ~3 minute version (smaller data, fewer steps)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing demo run in --out")
     parser.add_argument("--seed", type=int, default=42)
@@ -24,6 +27,12 @@ def _run(args: argparse.Namespace) -> int:
     budget = args.max_time
     if budget not in ("plan", "none"):
         budget = parse_duration(budget, "--max-time")
-    run_demo(args.out, quick=args.quick, overwrite=args.overwrite, seed=args.seed,
+    if args.kind == "vlm":
+        from tunelab.demo.vlm import run_vlm_demo
+
+        run_vlm_demo(args.out or "runs/demo-vlm", quick=args.quick, overwrite=args.overwrite, seed=args.seed,
+                     max_seconds=None if budget == "none" else budget)
+        return 0
+    run_demo(args.out or "runs/demo", quick=args.quick, overwrite=args.overwrite, seed=args.seed,
              max_seconds=None if budget == "none" else budget)
     return 0

@@ -8,9 +8,12 @@
 3. LoRA-tune the builtin model; eval loss on the validation split.
 4. Evaluate the base and the tuned model on the same sets; write the report.
 
-The settings (LoRA r16/alpha32 on all projections, lr 2e-3, 3 epochs) come from a recipe
-measured on this kind of machine; the epoch count was checked on the validation split
-(eval loss still falling in epoch 3), never on the test split (docs/tutorial.md).
+The settings (LoRA r16/alpha32 on all projections of the last 15 of the 30 layers, lr 2e-3,
+4 epochs) were chosen on the validation split, never on the test split (docs/tutorial.md).
+Adapters in the upper half only stop the backward pass halfway down: on a 2-core AVX2
+CPU a step took 2.2 s instead of 4.1 s, and within the same 10.5-minute training budget
+validation exact match rose from 0.29 (all layers, 153 of 204 steps fit) to 0.40 (last
+15 layers, 3 epochs) and 0.47 (last 15 layers, 4 epochs: 272 steps).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ class DemoPlan:
 
     max_codes: int = 150
     general_questions: int = 32
-    epochs: float = 3.0
+    epochs: float = 4.0
     max_steps: int = -1
     eval_samples: int | None = None
     max_seconds: float | None = 15 * 60
@@ -147,7 +150,8 @@ def run_config(out: Path, plan: DemoPlan, model_spec: str, seed: int) -> RunConf
         "data": {"train": ["icd10cm-norm_train", "general_train", "general_train"],
                  "eval": ["icd10cm-norm_validation"], "dataset_dir": str(out / "data"),
                  "cutoff_len": 256},
-        "method": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
+        "method": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear",
+                   "last_layers": 15},
         "train": {"epochs": plan.epochs, "max_steps": plan.max_steps, "batch_size": 8, "grad_accum": 1,
                   "lr": 2e-3, "scheduler": "cosine", "warmup_ratio": 0.05, "bf16": "auto", "seed": seed,
                   "logging_steps": 5, "save_strategy": "no"},
@@ -241,7 +245,7 @@ def run_demo(out_dir: str = "runs/demo", quick: bool = False, overwrite: bool = 
         cfg.train.max_time = round(budget)
         print(f"      training may take up to {budget / 60:.1f} min of the demo's "
               f"{plan.max_seconds / 60:.0f} min (evaluation estimated from the distillation's speed)", flush=True)
-    t = _step(3, "LoRA fine-tuning (r16, all projections; precision and threads measured)")
+    t = _step(3, "LoRA fine-tuning (r16, all projections of the last 15 layers; precision and threads measured)")
     train(cfg)
     _done(t, f"run folder: {out}")
     t = _step(4, "evaluating base and tuned model on held-out data")

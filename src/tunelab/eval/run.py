@@ -46,10 +46,11 @@ def label(spec: str, taken: set[str]) -> str:
 def load_test_set(spec: str, dataset_dir: str | None, max_samples: int | None, name: str) -> TestSet:
     """Read a dataset; each conversation must end with the assistant answer to compare with."""
     from tunelab.data import load_dataset
+    from tunelab.data.images import resolve_images
 
     prompts, refs, sources = [], [], []
     for conv in load_dataset(spec, dataset_dir):
-        messages = conv.to_openai()
+        messages = resolve_images(conv, dataset_dir).to_openai()  # image paths found before any model loads
         if not messages or messages[-1]["role"] != "assistant":
             raise TunelabError(f"{conv.source or spec}: no assistant answer at the end to compare with")
         prompts.append(messages[:-1])
@@ -75,17 +76,25 @@ def default_models(cfg: RunConfig) -> list[str]:
 def _settings(cfg: RunConfig):
     from tunelab.generation import from_preset
 
-    return from_preset(cfg.eval.preset, max_new_tokens=cfg.eval.max_new_tokens)
+    extra = cfg.eval.generation or {}
+    if not extra:
+        return from_preset(cfg.eval.preset, max_new_tokens=cfg.eval.max_new_tokens)
+    if not isinstance(extra, dict):
+        raise TunelabError(f"eval.generation: expected a mapping of generation settings, got {extra!r}")
+    settings = from_preset(cfg.eval.preset, max_new_tokens=cfg.eval.max_new_tokens)
+    try:
+        return settings.replace(**extra)
+    except TunelabError as exc:  # "generation: unknown setting ..." / "generation.num_beams: ..."
+        raise TunelabError(f"eval.{exc}") from None
 
 
 def _evaluate_model(spec: str, cfg: RunConfig, test_sets: list[TestSet], out: Path, model_name: str,
                     settings, progress: bool) -> tuple[dict, dict]:
     """Generate and score one model on every test set; returns (metrics, timings)."""
     from tunelab.generation import generate
-    from tunelab.models import load_model
 
     start = time.perf_counter()
-    model, tokenizer = load_model(dataclasses.replace(cfg.model, name=spec))
+    model, tokenizer = _load(spec, cfg)
     timings: dict[str, Any] = {"load_s": round(time.perf_counter() - start, 2)}
     metrics: dict[str, Any] = {}
     names = parse_metrics(cfg.eval.metrics)
@@ -109,6 +118,19 @@ def _evaluate_model(spec: str, cfg: RunConfig, test_sets: list[TestSet], out: Pa
     del model
     gc.collect()
     return metrics, timings
+
+
+def _load(spec: str, cfg: RunConfig):
+    """A model to evaluate: a vision run folder as its composite (images reach it), else the text loader."""
+    from tunelab.vision.compose import is_vision_run
+
+    if is_vision_run(spec):
+        from tunelab.vision.compose import load_vlm
+
+        return load_vlm(spec)
+    from tunelab.models import load_model
+
+    return load_model(dataclasses.replace(cfg.model, name=spec))
 
 
 def judge_from_config(cfg: RunConfig) -> Any:
@@ -207,7 +229,14 @@ def _examples(out: Path, test_sets: list[TestSet], model_names: list[str], count
     for test in test_sets:
         answers = {name: _predictions(out, name, test.name)[:count] for name in model_names}
         examples[test.name] = [
-            {"prompt": test.prompts[i][-1]["content"] if test.prompts[i] else "", "reference": test.references[i],
+            {"prompt": _shown(test.prompts[i][-1]["content"]) if test.prompts[i] else "", "reference": test.references[i],
              "predictions": {name: answers[name][i] for name in model_names}}
             for i in range(min(count, len(test.prompts)))]
     return examples
+
+
+def _shown(content: Any) -> str:
+    """A message's content as report text: image parts become ``<image>``."""
+    if isinstance(content, str):
+        return content
+    return "".join(p.get("text", "") if p.get("type") == "text" else "<image>" for p in content)

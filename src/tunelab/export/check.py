@@ -44,6 +44,11 @@ class Fingerprint:
     answers: list[list[int]]
     last_logits: list[list[float]] = field(default_factory=list, repr=False)
 
+    def truncated(self, tokens: int) -> "Fingerprint":
+        """The fingerprint ``tokens`` greedy tokens would have given: a greedy answer's first n
+        tokens are the n-token greedy answer, so one long fingerprint serves shorter checks."""
+        return Fingerprint(self.prompts, [a[:tokens] for a in self.answers], self.last_logits)
+
 
 @dataclass
 class Agreement:

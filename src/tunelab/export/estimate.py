@@ -6,10 +6,13 @@ parameter counts and every linear layer's shape are exact for any architecture
 transformers knows, offline, for a local folder, a run folder or a builtin spec.
 
 Activations are what the textbook formula gets wrong (it under-estimated a measured LoRA
-peak by 45%), so the terms here are counted from what PyTorch keeps for the backward of
-a decoder layer in eager attention, in fp32 on a CPU; ``calibrate`` replaces them with a
-fit of ``fixed + per-token + per-token²`` to a few probe steps run on this machine
-(``tunelab.export.estimate_probe``, each in its own process so its peak RSS is its own).
+peak by 45%), so one training step is traced on meta tensors with the real method code
+(``tunelab.export.estimate_trace``): the most the step holds at once, and what. Resident
+memory exceeds live tensors by the heap's leftovers (``HEAP_FACTOR``, fitted on measured
+peaks, ``benchmarks/estimate_memory.py``); a model that cannot run on meta falls back to a
+hand count. ``calibrate`` replaces all that with a fit of ``fixed + per-token + per-token²``
+to a few probe steps run on this machine (``tunelab.export.estimate_probe``, each in its own
+process so its peak RSS is its own).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tunelab.errors import TunelabError
+from tunelab.export.estimate_trace import LARGE
 
 BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0 + 4 / 576, "int4": 0.5 + 0.5 / 64 + 4 / (64 * 256)}
 """Bytes per weight: int8 adds a fp32 scale per row (~576-wide rows); NF4 adds one 8-bit absmax per
@@ -26,13 +30,16 @@ BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0 + 4 / 576, "int4": 0
 OPTIMIZER_BYTES = {"adamw": 8.0, "adamw8bit": 2.0 + 8 / 2048, "sgd": 0.0}
 """Optimizer state per trainable parameter: AdamW's two fp32 moments, bitsandbytes' 8-bit ones
 (with a scale per 2048-block), plain SGD none."""
-RUNTIME_BYTES = 300 * 2**20
-"""Python, torch and transformers before any model (~0.3 GB RSS on CPU)."""
-LIVE_FACTOR = 2.0
-"""Measured peak RSS over the tensors the backward keeps (activations + logits): the gradients of a
-layer's activations live beside them while it runs backward, and freed blocks stay resident. Fitted on
-SmolLM2-135M LoRA at batch × seq 4 × 128 and 8 × 256 (counted 1.18 / 5.27 GB, measured 2.49 / 11.24 GB
-above the loaded model); without it the count was 16% / 44% under, as the textbook formula is."""
+RUNTIME_BYTES = 550 * 2**20
+"""Python, torch, transformers, peft and bitsandbytes imported, before any model: measured 0.57 GB
+peak RSS in every probe process on this CPU (2026-12-02)."""
+HEAP_FACTOR = 2.7
+"""Peak RSS over the traced bytes of the step's smaller tensors (under 32 MiB, the heap's): the heap
+keeps what the forward's temporaries freed, so it grows past the live bytes. Chosen as the larger of
+the two fit points (SmolLM2-135M LoRA 4 × 128: 2.32, 2 × 256: 2.70, benchmarks/estimate_peaks.json),
+to stay on the safe side. Larger tensors (the logits over the vocabulary, the embedding's gradient)
+have their own mapping, returned when freed, and count once (``LARGE_FACTOR``)."""
+LARGE_FACTOR = 1.0
 METHODS = ("full", "freeze", "lora", "qlora")
 PRECISIONS = tuple(BYTES)
 
@@ -55,10 +62,17 @@ class ModelShape:
     head_dim: int
     vocab: int
     tied: bool
+    config: object = field(default=None, repr=False, compare=False)
+    """The config the shape was read from: :func:`estimate` traces a step of it on meta."""
 
 
 @dataclass
 class Estimate:
+    """Bytes at the step's peak. ``activations``, ``logits`` and ``gradients`` are what the traced
+    step holds at that moment (times ``HEAP_FACTOR`` / ``LARGE_FACTOR``): tensors the forward left for the backward,
+    the vocabulary-wide logits / log-probs and their gradients, and what the backward made so far
+    (weight gradients and temporaries; all gradients when the optimizer step is the peak)."""
+
     weights: float
     gradients: float
     optimizer: float
@@ -128,7 +142,7 @@ def model_shape(config) -> ModelShape:
         hidden=config.hidden_size, intermediate=getattr(config, "intermediate_size", 4 * config.hidden_size),
         heads=heads, kv_heads=getattr(config, "num_key_value_heads", None) or heads,
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-        vocab=model.get_input_embeddings().weight.shape[0], tied=tied)
+        vocab=model.get_input_embeddings().weight.shape[0], tied=tied, config=config)
 
 
 def activation_floats(shape: ModelShape, seq: int) -> tuple[float, float]:
@@ -176,29 +190,66 @@ def estimate(shape: ModelShape, method: str = "lora", precision: str = "fp32", b
     n_train = trainable(shape, method, r, freeze_layers)
     if method in ("lora", "qlora"):
         weights += n_train * BYTES["fp32"]
-    gradients = n_train * BYTES["fp32"]
     opt = n_train * OPTIMIZER_BYTES[optimizer]
-    tokens = batch * seq
-    act_bytes = 2.0 if precision in ("bf16", "fp16") else 4.0
+    inputs = dict(method=method, precision=precision, batch=batch, seq=seq, optimizer=optimizer,
+                  gradient_checkpointing=gradient_checkpointing, r=r)
+    if calibration:
+        fit = calibration["fit"]
+        tokens = batch * seq
+        gradients = n_train * BYTES["fp32"]
+        activations = fit["per_token"] * tokens + fit["per_token_seq"] * tokens * seq
+        overhead = fit["fixed"] - (weights + gradients + opt)  # what the probes measured beyond the state
+        notes.append(f"activations fitted to {len(calibration['points'])} probe steps on this machine (on SmolLM2 "
+                     "LoRA this came out 9-22% under measured peaks: docs/deploy.md)")
+        return Estimate(weights, gradients, opt, activations, 0.0, overhead, n_train, shape.params, inputs,
+                        True, notes)
+    step, how = step_tensors(shape, method, precision, batch, seq, gradient_checkpointing, r, freeze_layers)
+    notes.append(how)
+    peak, large = sum(step["at_peak"].values()), step["large_at_peak"]
+    # The optimizer step itself holds every gradient, plus a temporary or two of the largest parameter.
+    update = n_train * BYTES["fp32"]
+    if update + 2 * step["largest_grad"] > peak:
+        step["at_peak"] = {"forward": 0.0, "logits": 0.0, "backward": float(update + 2 * step["largest_grad"])}
+        peak, large = update + 2 * step["largest_grad"], 3 * step["largest_grad"] * (step["largest_grad"] >= LARGE)
+        notes.append("the peak is the optimizer step (all gradients), not the backward")
+    resident = LARGE_FACTOR * large + HEAP_FACTOR * (peak - large)
+    part = {k: v * resident / max(peak, 1.0) for k, v in step["at_peak"].items()}
+    if gradient_checkpointing:
+        notes.append("with gradient checkpointing this was 34% under a measured peak (SmolLM2 LoRA 4 x 256): "
+                     "read it as a lower bound")
+    return Estimate(weights, part["backward"], opt, part["forward"], part["logits"], float(RUNTIME_BYTES),
+                    n_train, shape.params, inputs, False, notes)
+
+
+def step_tensors(shape: ModelShape, method: str, precision: str, batch: int, seq: int,
+                 gradient_checkpointing: bool, r: int, freeze_layers: int) -> tuple[dict, str]:
+    """The step's tensors at its peak (``at_peak``: forward / logits / backward bytes) and the largest
+    gradient, traced on meta (:mod:`tunelab.export.estimate_trace`), else counted by hand."""
+    import torch
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else torch.float32
+    if shape.config is not None:
+        from tunelab.export.estimate_trace import trace_step
+
+        try:
+            traced = trace_step(shape.config, method, batch, seq, r, freeze_layers, dtype, gradient_checkpointing)
+            return traced, "activations traced: one step of this model run on torch's meta device"
+        except Exception as exc:  # noqa: BLE001 - any model code may fail on meta tensors; count by hand
+            reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+            how = f"could not trace a step on meta ({reason}); activations counted by hand"
+    else:
+        how = "activations counted by hand"
+    tokens, size = batch * seq, dtype.itemsize
     per_token, per_token_seq = activation_floats(shape, seq)
     if gradient_checkpointing:  # layer inputs kept; one layer's activations live again in its recompute
         per_token = shape.hidden * shape.layers + per_token / shape.layers
         per_token_seq = per_token_seq / shape.layers
-    activations = LIVE_FACTOR * tokens * (per_token + per_token_seq * seq) * act_bytes
-    logits = LIVE_FACTOR * tokens * shape.vocab * 4.0 * 3  # fp32 logits, their log-softmax and its gradient
-    overhead = float(RUNTIME_BYTES)
-    calibrated = False
-    if calibration:
-        fit = calibration["fit"]
-        activations = fit["per_token"] * tokens + fit["per_token_seq"] * tokens * seq
-        overhead = fit["fixed"] - (weights + gradients + opt)  # what the probes measured beyond the state
-        logits = 0.0  # inside the fitted per-token term
-        calibrated = True
-        notes.append(f"activations fitted to {len(calibration['points'])} probe steps on this machine")
-    inputs = dict(method=method, precision=precision, batch=batch, seq=seq, optimizer=optimizer,
-                  gradient_checkpointing=gradient_checkpointing, r=r)
-    return Estimate(weights, gradients, opt, activations, logits, overhead, n_train, shape.params, inputs,
-                    calibrated, notes)
+    logits = tokens * shape.vocab * (size + 4.0 * 3)  # logits, fp32 log-probs, their gradient and the logits'
+    n_train = trainable(shape, method, r, freeze_layers)
+    head = shape.vocab * shape.hidden * 4.0 if method == "full" else 0.0
+    return {"at_peak": {"forward": tokens * (per_token + per_token_seq * seq) * size, "logits": logits,
+                        "backward": head}, "large_at_peak": logits + head,
+            "largest_grad": max(head, 4.0 * n_train / max(shape.layers, 1))}, how
 
 
 def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
@@ -213,13 +264,14 @@ PROBE_POINTS = ((1, 64), (4, 64), (1, 256))
 
 
 def measure_peak(spec: str, method: str, batch: int, seq: int, gradient_checkpointing: bool = False,
-                 optimizer: str = "adamw", r: int = 8, steps: int = 2, timeout: float = 900) -> dict:
+                 optimizer: str = "adamw", r: int = 8, steps: int = 2, timeout: float = 900,
+                 freeze_layers: int = 2) -> dict:
     """Run ``steps`` training steps in a child process; return its peak RSS (bytes) and timings."""
     import subprocess
     import sys
 
     job = json.dumps(dict(spec=spec, method=method, batch=batch, seq=seq, optimizer=optimizer, r=r, steps=steps,
-                          gradient_checkpointing=gradient_checkpointing))
+                          gradient_checkpointing=gradient_checkpointing, freeze_layers=freeze_layers))
     proc = subprocess.Popen([sys.executable, "-m", "tunelab.export.estimate_probe", job], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:

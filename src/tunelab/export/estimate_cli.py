@@ -53,13 +53,16 @@ def _print_table(model: str, result) -> None:
                         f"{i['optimizer']}{', gradient checkpointing' if i['gradient_checkpointing'] else ''}")
     table.add_column("part")
     table.add_column("GiB", justify="right")
-    for part in ("weights", "gradients", "optimizer", "activations", "logits", "overhead"):
-        table.add_row(part, f"{getattr(result, part) / gib:.3f}")
+    labels = {"weights": "weights", "optimizer": "optimizer state", "activations": "activations kept for the backward",
+              "logits": "logits, log-probs and their gradients", "gradients": "gradients and backward temporaries",
+              "overhead": "fixed overhead (Python, torch, libraries)"}
+    for part, label in labels.items():
+        table.add_row(label, f"{getattr(result, part) / gib:.3f}")
     table.add_row("[bold]total[/]", f"[bold]{result.total / gib:.3f}[/]")
     console = Console()
     console.print(table)
     console.print(f"params {result.params:,d}, trainable {result.trainable_params:,d}"
-                  + ("; calibrated on this machine" if result.calibrated else "; formula only (--calibrate fits "
+                  + ("; calibrated on this machine" if result.calibrated else "; from the config (--calibrate fits "
                                                                             "the activations here)"))
     for note in result.notes:
         console.print(f"note: {note}")

@@ -7,6 +7,7 @@ leaves whatever was there before untouched. The check report goes to ``FILE.gguf
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import time
@@ -18,12 +19,14 @@ from tunelab.errors import TunelabError
 
 def export_gguf(run: str, out: str | Path, ftype: str = "f16", *, overwrite: bool = False, check: bool = True,
                 llamacpp: str = "auto", probe_tokens: int = 32, force: bool = False,
-                allow_identical: bool = False, log: Callable[[str], None] = print) -> dict:
+                allow_identical: bool = False, log: Callable[[str], None] = print, source=None) -> dict:
     """Export ``run`` (run folder or model spec) as a GGUF file; return the check report.
 
     ``llamacpp``: ``auto`` runs the check in real llama.cpp where node-llama-cpp is
     installed, ``require`` fails without it, ``off`` skips it. The transformers GGUF
-    loader check always runs unless ``check`` is False.
+    loader check always runs unless ``check`` is False. ``source``: a
+    :func:`~tunelab.export.verify.prepare_source` result for ``run`` to reuse (several
+    types from one load and one fingerprint); it is left as it was given.
     """
     from tunelab.export import llamacpp as lcpp
     from tunelab.export.gguf import TYPES, write_gguf
@@ -41,7 +44,11 @@ def export_gguf(run: str, out: str | Path, ftype: str = "f16", *, overwrite: boo
     reason = lcpp.unavailable_reason() if check and llamacpp != "off" else None
     if reason and llamacpp == "require":
         raise TunelabError(f"--llamacpp require: {reason}")
-    source = prepare_source(str(run), check=check, probe_tokens=probe_tokens, allow_identical=allow_identical)
+    owned = source is None
+    if owned:
+        source = prepare_source(str(run), check=check, probe_tokens=probe_tokens, allow_identical=allow_identical)
+    else:
+        source = dataclasses.replace(source, checks=list(source.checks), notes=list(source.notes))
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.stem}.{os.getpid()}.partial.gguf"
     try:
@@ -50,8 +57,9 @@ def export_gguf(run: str, out: str | Path, ftype: str = "f16", *, overwrite: boo
         summary.update(source=str(run), out=str(out), write_seconds=round(time.perf_counter() - started, 2))
         log(f"wrote {summary['tensors']} tensors ({summary['bytes'] / 2**20:.1f} MiB, {ftype}) "
             f"in {summary['write_seconds']:.1f} s")
-        source.model = None  # free the source before loading the result
-        gc.collect()
+        if owned:
+            source.model = None  # free the source before loading the result
+            gc.collect()
         if check:
             source.checks.append(_check_transformers(staging, ftype, source))
             log(source.checks[-1].line())
@@ -100,6 +108,7 @@ def _check_llamacpp(path: Path, ftype: str, source, probe_tokens: int):
     mismatch = sum(int(list(got) != list(want)) for got, want in zip(result["tokens"], ref.prompts))
     agreement = agreement_from_tokens(ref, result["forced_top1"], result["greedy"], f"GGUF {ftype} in llama.cpp",
                                       TOLERANCE[ftype], mismatch, source.stops, result.get("eog"))
-    source.notes.append(f"llama.cpp (node-llama-cpp {lcpp.VERSION}, 1 thread) answered the probes "
-                        f"in {result['seconds']:.1f} s")
+    source.notes.append(f"llama.cpp (node-llama-cpp {lcpp.VERSION}, 1 thread, flash attention "
+                        f"{'on' if result.get('context', {}).get('flash_attention') is True else 'off'}) "
+                        f"answered the probes in {result['seconds']:.1f} s")
     return agreement

@@ -22,6 +22,14 @@ from tunelab.errors import TunelabError
 
 VERSION = "3.21.1"
 PACKAGE = "node-llama-cpp"
+FLASH_ATTENTION = False
+"""The check runs llama.cpp without flash attention. node-llama-cpp's default (``"auto"``) turns it
+on for a CPU, and then a decode step (one query row) goes through another attention kernel than
+the teacher-forced pass (many rows), with its own rounding: on SmolLM2 f16 the greedy decode flipped
+a near tie the weights get right (fp32 margin 0.0015 between the top two tokens, probe 2, token 20),
+giving 5/6 identical answers at 100% top-1 agreement; an F32 KV cache did not help, flash attention
+off gave 6/6 (with F16 or F32 cache). The check is about the file, so it uses the path that agrees
+with itself."""
 
 
 def install_dir() -> Path:
@@ -70,13 +78,18 @@ def _runner() -> Path:
 
 def run_probes(gguf_path: str | Path, prompts: list[list[int]], answers: list[list[int]], stops: list[int],
                texts: list[str] | None = None, max_new_tokens: int = 32, threads: int = 1,
-               timeout: float = 600) -> dict:
-    """llama.cpp's greedy answers, teacher-forced top-1 tokens and tokenization of ``texts``."""
+               timeout: float = 600, flash_attention: bool | str = FLASH_ATTENTION) -> dict:
+    """llama.cpp's greedy answers, teacher-forced top-1 tokens and tokenization of ``texts``.
+
+    ``flash_attention``: ``False`` (the check's default, see :data:`FLASH_ATTENTION`), ``True`` or
+    ``"auto"`` (node-llama-cpp's default, which turns it on for a CPU).
+    """
     reason = unavailable_reason()
     if reason:
         raise TunelabError(f"llama.cpp check: {reason}")
     job = {"model": str(Path(gguf_path).resolve()), "threads": threads, "prompts": prompts, "answers": answers,
-           "max_new_tokens": max_new_tokens, "stops": stops, "texts": texts or []}
+           "max_new_tokens": max_new_tokens, "stops": stops, "texts": texts or [],
+           "flash_attention": flash_attention}
     started = time.perf_counter()
     try:
         done = subprocess.run(["node", str(_runner())], input=json.dumps(job), capture_output=True, text=True,

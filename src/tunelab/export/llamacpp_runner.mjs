@@ -1,7 +1,8 @@
 // Runs probe prompts through real llama.cpp (node-llama-cpp's prebuilt binaries).
 // stdin: {"model": path, "threads": 1, "prompts": [[ids]], "answers": [[ids]], "max_new_tokens": n,
-//         "stops": [ids], "texts": [str]}
-// stdout: {"greedy": [[ids]], "forced_top1": [[ids]], "tokens": [[ids]], "seconds": s, "greedy_seconds": s}
+//         "stops": [ids], "texts": [str], "flash_attention": false | true | "auto", "kv_cache_type": null | "F32"}
+// stdout: {"greedy": [[ids]], "forced_top1": [[ids]], "tokens": [[ids]], "eog": [i], "seconds": s,
+//          "greedy_seconds": s, "max_rss_bytes": n, "context": {"flash_attention": b, "kv_cache_types": [k, v]}}
 // greedy: llama.cpp's own greedy answer; forced_top1: its argmax at each position of the
 // source's answer (teacher forcing); tokens: llama.cpp's tokenization of each text.
 import {getLlama} from "node-llama-cpp";
@@ -13,8 +14,16 @@ const job = JSON.parse(Buffer.concat(chunks).toString("utf8"));
 const llama = await getLlama({build: "never", gpu: false, logLevel: "error"});
 const model = await llama.loadModel({modelPath: job.model, gpuLayers: 0});
 const longest = Math.max(...job.prompts.map((p, i) => p.length + Math.max(job.answers[i].length, job.max_new_tokens)));
-const context = await model.createContext({contextSize: Math.max(256, longest + 8), threads: job.threads ?? 1,
-                                           sequences: 1});
+// Flash attention and the KV cache type are the caller's choice: with flash attention on, llama.cpp's CPU
+// decode steps (one query row) and the batched teacher-forced pass take different attention kernels that
+// round differently, so greedy decoding can flip a near tie the teacher-forced pass gets right.
+const options = {contextSize: Math.max(256, longest + 8), threads: job.threads ?? 1, sequences: 1,
+                 flashAttention: job.flash_attention ?? "auto"};
+if (job.kv_cache_type) {
+    options.experimentalKvCacheKeyType = job.kv_cache_type;
+    options.experimentalKvCacheValueType = job.kv_cache_type;
+}
+const context = await model.createContext(options);
 const sequence = context.getSequence();
 const stops = new Set(job.stops ?? []);
 const started = Date.now();
@@ -47,7 +56,10 @@ const tokens = (job.texts ?? []).map((text) => Array.from(model.tokenize(text, t
 const eog = job.answers.map((answer) => answer.findIndex((token) => model.isEogToken(token)));
 process.stdout.write(JSON.stringify({greedy, forced_top1: forced, tokens, eog, seconds: (Date.now() - started) / 1000,
                                      greedy_seconds: greedySeconds,
-                                     max_rss_bytes: process.resourceUsage().maxRSS * 1024}));
+                                     max_rss_bytes: process.resourceUsage().maxRSS * 1024,
+                                     context: {flash_attention: context.flashAttention,
+                                               kv_cache_types: [context.kvCacheKeyType ?? null,
+                                                                context.kvCacheValueType ?? null]}}));
 await context.dispose();
 await model.dispose();
 await llama.dispose();

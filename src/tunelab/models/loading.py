@@ -131,6 +131,12 @@ def load_tokenizer(spec: ModelConfig | str, template: str | None = None, padding
     return _load_tokenizer(resolved, cfg, template or cfg.template or resolved.template, padding_side)
 
 
+def load_folder_tokenizer(folder: str | Path, cfg: ModelConfig, padding_side: str = "right"):
+    """The tokenizer saved in ``folder`` itself (e.g. a vision run's, which holds the image token),
+    with ``load_tokenizer``'s rules: pad = eos when missing, ``cfg.template`` applied."""
+    return _load_tokenizer(ResolvedSpec("hf", str(folder)), cfg, cfg.template, padding_side)
+
+
 def _load_tokenizer(resolved: ResolvedSpec, cfg: ModelConfig, template: str | None, padding_side: str):
     from transformers import AutoTokenizer
 

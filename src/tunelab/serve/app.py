@@ -82,9 +82,9 @@ def create_app(
     async def chat_completions(body: ChatRequest, request: Request):
         check_unsupported(body)
         adapter = _adapter(state, body.model)
-        prompt = _encode(state, chat_messages(body), "messages")
+        prompt, images = _chat_prompt(state, body)
         settings = _settings(state, body, len(prompt), body.max_completion_tokens or body.max_tokens, "messages")
-        job = _submit(state, prompt, settings, adapter)
+        job = _submit(state, prompt, settings, adapter, images)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return _sse(_chat_chunks(job, body.model, include_usage))
@@ -179,6 +179,15 @@ def _encode(state: _State, prompt: Any, param: str) -> list[int]:
     return ids
 
 
+def _chat_prompt(state: _State, body: ChatRequest) -> tuple[list[int], list | None]:
+    """Prompt ids, and the image spans when a vision-language model is served (``serve.images``)."""
+    if hasattr(state.served.model, "encode_prompt"):
+        from tunelab.serve.images import vision_prompt
+
+        return vision_prompt(state.served.model, state.tokenizer, body)
+    return _encode(state, chat_messages(body), "messages"), None
+
+
 def _completion_prompts(state: _State, prompt: Any) -> list[list[int]]:
     if isinstance(prompt, str):
         return [_encode(state, prompt, "prompt")]
@@ -214,7 +223,8 @@ def _settings(state: _State, body: Any, prompt_len: int, max_tokens: int | None,
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
     fields = {"max_new_tokens": max_tokens, "min_new_tokens": body.min_tokens, "temperature": body.temperature,
               "top_p": body.top_p, "top_k": body.top_k, "repetition_penalty": body.repetition_penalty,
-              "stop": tuple(stop) if stop is not None else None, "seed": body.seed}
+              "stop": tuple(stop) if stop is not None else None, "seed": body.seed,
+              "no_repeat_ngram_size": body.no_repeat_ngram_size}
     try:
         return state.defaults.replace(**{k: v for k, v in fields.items() if v is not None})
     except TunelabError as exc:
@@ -222,8 +232,9 @@ def _settings(state: _State, body: Any, prompt_len: int, max_tokens: int | None,
         raise APIError(400, str(exc).replace("generation.", ""), param=_PARAM.get(name, name)) from None
 
 
-def _submit(state: _State, prompt: list[int], settings: GenerationSettings, adapter: str | None) -> Job:
-    job = Job(prompt, settings, adapter, asyncio.get_running_loop())
+def _submit(state: _State, prompt: list[int], settings: GenerationSettings, adapter: str | None,
+            images: list | None = None) -> Job:
+    job = Job(prompt, settings, adapter, asyncio.get_running_loop(), images=images)
     try:
         state.engine.submit(job)
     except QueueFull:

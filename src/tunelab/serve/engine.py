@@ -44,6 +44,8 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
+    images: list | None = None
+    """Vision-language models: the prompt's image spans (``tunelab.generation.generate_ids``)."""
 
     @property
     def batch_key(self) -> tuple:
@@ -143,11 +145,18 @@ class Engine:
                     on_text=lambda row, piece: batch[row].emit("text", piece),
                     on_done=lambda row, result: self._done(batch[row], result),
                     cancel=[job.cancel for job in batch],
+                    **self._images(batch),
                 )
         except Exception as exc:  # one bad batch must not take the server down
             log.exception("generation failed")
             for job in batch:
                 job.emit("error", f"generation failed: {exc}")
+
+    def _images(self, batch: list[Job]) -> dict[str, Any]:
+        # A vision-language model takes every row's image spans (none for text-only rows).
+        if not hasattr(self.model, "image_inputs"):
+            return {}
+        return {"images": [job.images or [] for job in batch]}
 
     def _done(self, job: Job, result: GenerationResult) -> None:
         if result.finish_reason == "cancelled":

@@ -90,7 +90,15 @@ def attach_adapters(model, tokenizer, base_name: str, adapters: list[str], main:
 def load_for_serving(spec: str, adapters: list[str] | None = None) -> ServedModels:
     """Load ``spec`` (model, run folder or builtin) and attach the extra adapters."""
     from tunelab.models import load_model, resolve_spec
+    from tunelab.vision.compose import is_vision_run
 
+    if is_vision_run(spec):  # tower + projector + LLM: requests may carry images (data: URLs)
+        from tunelab.vision.compose import load_vlm
+
+        if adapters:
+            raise TunelabError(f"--adapter: {spec} is a vision-language run; extra adapters are not served with it")
+        model, tokenizer = load_vlm(spec)
+        return attach_adapters(model, tokenizer, Path(spec).expanduser().resolve().name, [])
     model, tokenizer = load_model(spec)
     main = None
     if resolve_spec(spec).adapter is not None:

@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI-compatible API and its error shape.
 
-Fields follow OpenAI's names; ``top_k``, ``min_tokens`` and ``repetition_penalty`` are
-extensions (as in vLLM). Unknown fields are ignored, as OpenAI clients send extras.
+Fields follow OpenAI's names; ``top_k``, ``min_tokens``, ``repetition_penalty`` and
+``no_repeat_ngram_size`` are extensions (as in vLLM). Unknown fields are ignored, as OpenAI clients send extras.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ class _Sampling(BaseModel):
     top_k: int | None = None
     min_tokens: int | None = None
     repetition_penalty: float | None = None
+    no_repeat_ngram_size: int | None = None
     stop: Union[str, list[str], None] = None
     seed: int | None = None
     n: int | None = 1
@@ -65,23 +66,28 @@ class CompletionRequest(_Sampling):
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
-def chat_messages(body: ChatRequest) -> list[dict[str, str]]:
-    """The request's messages as plain ``{role, content}`` dicts, or a 400."""
+def checked_messages(body: ChatRequest):
+    """``(where, role, content)`` of each request message; a 400 for none or an unknown role."""
     if not body.messages:
         raise APIError(400, "messages must hold at least one message", param="messages")
-    messages = []
     for index, message in enumerate(body.messages):
         where = f"messages[{index}]"
         if message.role not in ROLES:
             raise APIError(400, f"{where}.role: '{message.role}' is not one of system, user, assistant",
                            param=f"{where}.role")
-        content = message.content or ""
+        yield where, ROLES[message.role], message.content or ""
+
+
+def chat_messages(body: ChatRequest) -> list[dict[str, str]]:
+    """The request's messages as plain ``{role, content}`` dicts, or a 400."""
+    messages = []
+    for where, role, content in checked_messages(body):
         if isinstance(content, list):
             if any(part.get("type") != "text" for part in content):
                 raise APIError(400, f"{where}.content: only text parts are supported by this model",
                                param=f"{where}.content")
             content = "".join(str(part.get("text", "")) for part in content)
-        messages.append({"role": ROLES[message.role], "content": content})
+        messages.append({"role": role, "content": content})
     return messages
 
 

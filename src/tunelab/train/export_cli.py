@@ -37,6 +37,17 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from tunelab.errors import TunelabError
 
+    from tunelab.vision.compose import is_vision_run
+
+    if is_vision_run(args.run):  # tower + projector + LLM: a transformers Llava folder where it maps onto one
+        from tunelab.vision.export import export_llava
+
+        if not args.merge:
+            raise TunelabError(f"{args.run}: a vision-language run exports with --merge OUT (a Llava folder), "
+                               "not as GGUF")
+        out = export_llava(args.run, args.merge, overwrite=args.overwrite, check=not args.no_check)
+        print(f"Llava model written to {out} (LlavaForConditionalGeneration + AutoProcessor load it)")
+        return 0
     common = dict(check=not args.no_check, probe_tokens=args.probe_tokens, force=args.force,
                   allow_identical=args.allow_identical)
     if args.gguf:

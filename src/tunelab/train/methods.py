@@ -156,13 +156,36 @@ def _target_modules(cfg: MethodConfig) -> Any:
     return targets
 
 
-def _lora_config(cfg: MethodConfig):
+def _lora_config(cfg: MethodConfig, model: nn.Module | None = None):
     from peft import LoraConfig
 
     init = True if cfg.init_lora_weights == "default" else cfg.init_lora_weights
+    layers = _last_layers(cfg, model)
+    targets = _target_modules(cfg)
+    if layers is not None and targets == "all-linear":  # peft takes layer indices with names only
+        targets = _linear_names(model)
     return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                      target_modules=_target_modules(cfg), task_type="CAUSAL_LM",
+                      target_modules=targets, task_type="CAUSAL_LM", layers_to_transform=layers,
                       use_dora=cfg.use_dora, use_rslora=cfg.use_rslora, init_lora_weights=init)
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    """What ``all-linear`` means, as module names: every linear layer but the output head."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, nn.Linear) and module is not head})
+
+
+def _last_layers(cfg: MethodConfig, model: nn.Module | None) -> list[int] | None:
+    """Indices of the last ``method.last_layers`` decoder layers (peft's ``layers_to_transform``)."""
+    if cfg.last_layers is None:
+        return None
+    total = len(decoder_layers(model)) if model is not None else 0
+    if not total:
+        raise TunelabError("method.last_layers: no list of decoder layers found in this model")
+    if not 0 < cfg.last_layers <= total:
+        raise TunelabError(f"method.last_layers: {cfg.last_layers} is not between 1 and the model's {total} layers")
+    return list(range(total - cfg.last_layers, total))
 
 
 def _wrap_peft(model: nn.Module, peft_cfg) -> nn.Module:
@@ -185,14 +208,14 @@ def _wrap_peft(model: nn.Module, peft_cfg) -> nn.Module:
 @register("lora")
 def prepare_lora(model: nn.Module, cfg: MethodConfig) -> nn.Module:
     """LoRA adapters on ``target_modules`` (all linear layers but the head by default)."""
-    return _wrap_peft(model, _lora_config(cfg))
+    return _wrap_peft(model, _lora_config(cfg, model))
 
 
 def _prepare_kbit_lora(model: nn.Module, cfg: MethodConfig) -> nn.Module:
     from peft import prepare_model_for_kbit_training
 
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return _wrap_peft(model, _lora_config(cfg))
+    return _wrap_peft(model, _lora_config(cfg, model))
 
 
 # bitsandbytes on a GPU or a CPU (its CPU kernels); checked by running them (tunelab.train.quant).

@@ -68,7 +68,7 @@ def prepare_variant(model: nn.Module, cfg: MethodConfig) -> nn.Module:
 
     cfg = settings(cfg)
     fresh = not isinstance(model, PeftModel)  # a run folder's adapter is already converted
-    peft_model = methods._wrap_peft(model, methods._lora_config(cfg))
+    peft_model = methods._wrap_peft(model, methods._lora_config(cfg, model))
     if fresh and _is_mutated_init(cfg):
         # The SVD/QR start is done; marking it plain keeps a later load from decomposing again (peft's recipe).
         peft_model.peft_config[peft_model.active_adapter].init_lora_weights = True

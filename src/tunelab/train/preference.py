@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from tunelab.config import RunConfig
 from tunelab.errors import TunelabError
 from tunelab.train.collate import IGNORE, SFTCollator
+from tunelab.train.gather import gather_metrics
 from tunelab.train.trainer import SFTTrainer, supervised_logits_only
 
 REFERENCE_FREE = ("orpo", "simpo")
@@ -167,6 +168,8 @@ class PreferenceTrainer(SFTTrainer):
 
     # compute_loss returns a mean over the micro-batch's pairs: Trainer divides by accumulation.
     loss_is_scaled_for_ga = False
+    # dataset columns for precomputed reference log-probs of a batch's first and second half of rows
+    ref_columns = ("ref_chosen", "ref_rejected")
 
     def __init__(self, *args, pref_loss: str = "sigmoid", beta: float = 0.1, gamma: float = 0.5,
                  ftx: float = 0.0, **kwargs):
@@ -198,13 +201,19 @@ class PreferenceTrainer(SFTTrainer):
         return (loss, {}) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Trainer calls log on every process at the same points, so the gather cannot hang.
         split = "eval" if any(k.startswith("eval_") for k in logs) else "train"
         prefix = "eval_" if split == "eval" else ""
-        for key, values in self._stored[split].items():
+        stored = gather_metrics(self._stored[split])
+        for key, values in stored.items():
             if values:
                 logs[f"{prefix}{key}"] = round(sum(values) / len(values), 6)
+        if stored.get("reward_chosen") and stored.get("reward_rejected") and not stored.get("reward_margin"):
+            # kto: unpaired rewards, so the margin is the difference of the two means
+            logs[f"{prefix}reward_margin"] = round(logs[f"{prefix}reward_chosen"] - logs[f"{prefix}reward_rejected"], 6)
         self._stored[split] = defaultdict(list)
         super().log(logs, start_time)
+
 
 
 def make_trainer(cfg: RunConfig, model, tokenizer, args, train_ds, eval_ds):
@@ -216,11 +225,12 @@ def make_trainer(cfg: RunConfig, model, tokenizer, args, train_ds, eval_ds):
 
 def check(cfg: RunConfig) -> None:
     """Before any load: methods this stage cannot train, and a reference that cannot be."""
+    stage = cfg.train.stage
     if cfg.method.name in ("prefix", "prompt"):
-        raise TunelabError(f"method.name: {cfg.method.name} cannot train the dpo stage in tunelab "
+        raise TunelabError(f"method.name: {cfg.method.name} cannot train the {stage} stage in tunelab "
                            "(use lora, a LoRA variant, freeze or full)")
     if cfg.data.packing:
-        raise TunelabError("data.packing: the dpo stage keeps each answer in its own row; set data.packing=false")
+        raise TunelabError(f"data.packing: the {stage} stage keeps each answer in its own row; set data.packing=false")
 
 
 def _fresh_identity_adapter(cfg: RunConfig, model, from_adapter: bool) -> bool:
@@ -236,7 +246,7 @@ def _fresh_identity_adapter(cfg: RunConfig, model, from_adapter: bool) -> bool:
 
 def reference_mode(cfg: RunConfig, model, from_adapter: bool) -> str | None:
     """``adapter``, ``precompute`` or None (reference-free objectives)."""
-    if cfg.train.pref_loss in REFERENCE_FREE:
+    if cfg.train.stage == "dpo" and cfg.train.pref_loss in REFERENCE_FREE:
         return None
     identity = _fresh_identity_adapter(cfg, model, from_adapter)
     wanted = cfg.train.pref_reference
@@ -247,7 +257,8 @@ def reference_mode(cfg: RunConfig, model, from_adapter: bool) -> str | None:
 
 
 def precompute_reference(trainer: PreferenceTrainer, dataset, batch_size: int):
-    """``dataset`` with ``ref_chosen``/``ref_rejected``: the current (starting) model's log-probs."""
+    """``dataset`` with ``trainer.ref_columns`` (``ref_chosen``/``ref_rejected`` for pairs): the
+    current (starting) model's log-probs of the first and second half of each collated batch."""
     model = trainer.accelerator.unwrap_model(trainer.model)
     collate = trainer.data_collator
     was_training = model.training
@@ -264,7 +275,8 @@ def precompute_reference(trainer: PreferenceTrainer, dataset, batch_size: int):
                 rejected += logps[len(rows):]
     finally:
         model.train(was_training)
-    return dataset.add_column("ref_chosen", chosen).add_column("ref_rejected", rejected)
+    first, second = trainer.ref_columns
+    return dataset.add_column(first, chosen).add_column(second, rejected)
 
 
 def setup(trainer: PreferenceTrainer, cfg: RunConfig, from_adapter: bool, say=print) -> None:
@@ -276,9 +288,9 @@ def setup(trainer: PreferenceTrainer, cfg: RunConfig, from_adapter: bool, say=pr
         trainer.train_dataset = precompute_reference(trainer, trainer.train_dataset, cfg.train.batch_size)
         if trainer.eval_dataset is not None:
             trainer.eval_dataset = precompute_reference(trainer, trainer.eval_dataset, cfg.train.batch_size)
-        say(f"dpo reference: the starting model's log-probs, computed once "
+        say(f"{cfg.train.stage} reference: the starting model's log-probs, computed once "
             f"({time.monotonic() - started:.1f} s)")
     elif mode == "adapter":
-        say("dpo reference: the policy with its adapter disabled (no second copy)")
+        say(f"{cfg.train.stage} reference: the policy with its adapter disabled (no second copy)")
     else:
         say(f"{cfg.train.pref_loss}: reference-free objective")

@@ -145,6 +145,11 @@ def _build_trainer(cfg, stage, model, tokenizer, args, train_ds, eval_ds, out, c
         trainer.add_callback(cb)
     if cfg.train.early_stopping_patience and eval_ds is not None:
         trainer.add_callback(EarlyStoppingCallback(cfg.train.early_stopping_patience))
+    if cfg.train.gradient_checkpointing:  # one line for a model that cannot; a warning if it does nothing
+        from tunelab.train.checkpointing import CheckpointingCheck, require_support
+
+        require_support(trainer.model)
+        trainer.add_callback(CheckpointingCheck(say=_say))
     return trainer, metrics, interrupt
 
 
@@ -164,6 +169,12 @@ def decide_hardware(cfg: RunConfig):
 def _say(text: str) -> None:
     if _is_main():
         print(text, flush=True)
+
+
+# Public names for trainers built on this engine that load their model another way
+# (``tunelab.vision.train``): the run folder, the trainer with the engine's callbacks, the
+# summary, and printing from the main process only.
+prepare_folder, build_trainer, run_summary, say = _prepare_folder, _build_trainer, _summary, _say
 
 
 def train(cfg: RunConfig, callbacks: list | None = None) -> Path:

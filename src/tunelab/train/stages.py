@@ -8,7 +8,9 @@ the stage's name.
 - ``pt``: raw text, packed with documents kept apart, loss on every token
   (``tunelab.train.pretrain``; SFT's loss and trainer);
 - ``dpo``: preference pairs with ``train.pref_loss`` = sigmoid (DPO), orpo or simpo
-  (``tunelab.train.preference``).
+  (``tunelab.train.preference``);
+- ``kto``: unpaired answers tagged desirable or undesirable, KTO's loss
+  (``tunelab.train.kto``; the dpo stage's reference handling).
 
 Every stage writes the same run folder, so a ``pt`` run is a ``model.name`` for ``sft``,
 and an ``sft`` run one for ``dpo``.
@@ -79,13 +81,17 @@ def _pt_check(cfg: RunConfig) -> None:
     check(cfg)
 
 
-def _dpo(name: str) -> Callable:
+def _lazy(module: str, name: str) -> Callable:
     def call(*args, **kwargs):
-        from tunelab.train import preference
+        import importlib
 
-        return getattr(preference, name)(*args, **kwargs)
+        return getattr(importlib.import_module(f"tunelab.train.{module}"), name)(*args, **kwargs)
 
     return call
+
+
+def _dpo(name: str) -> Callable:
+    return _lazy("preference", name)
 
 
 STAGES: dict[str, Stage] = {
@@ -93,6 +99,8 @@ STAGES: dict[str, Stage] = {
     "pt": Stage("pt", _pt_examples, _pt_dataset, _sft_trainer, check=_pt_check),
     "dpo": Stage("dpo", _dpo("build_examples"), _dpo("to_dataset"), _dpo("make_trainer"),
                  check=_dpo("check"), setup=_dpo("setup")),
+    "kto": Stage("kto", _lazy("kto", "build_examples"), _lazy("kto", "to_dataset"), _lazy("kto", "make_trainer"),
+                 check=_lazy("kto", "check"), setup=_dpo("setup")),
 }
 
 

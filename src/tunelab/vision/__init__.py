@@ -8,7 +8,10 @@
 - ``data``: reading images, expanding placeholders, encoding without cutting an image span,
   batching;
 - ``train``: the ``align``/``instruct`` stages on the one training engine;
-- ``chat``: chatting with images attached.
+- ``chat``: answers through the shared generation core, and chatting with images attached;
+- ``evaluate``: scoring per question type, with the shuffled-images baseline;
+- ``export``: a composite that is a Llava model written as a plain transformers folder;
+- ``shapes``: the seeded shapes dataset the vision demo (``tunelab.demo.vlm``) draws.
 
 Only ``settings`` is imported here: the rest needs torch and is imported where used.
 """

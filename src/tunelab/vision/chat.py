@@ -1,50 +1,40 @@
 """Answers from a vision-language model, and ``tunelab chat RUN --image PATH``.
 
-``answer(model, tokenizer, conversation, settings)`` renders the conversation with its image
-spans expanded exactly as in training, encodes the images, and generates from the spliced
-embeddings with the shared generation settings (greedy, sampling or beam search; min/max new
-tokens, repetition penalty and stop strings reach ``generate``).
+``answer(model, tokenizer, conversation, settings)`` goes through the shared generation core
+(``tunelab.generation.generate_ids``) like a text answer: the conversation is rendered with its
+image spans expanded exactly as in training (``VisionLanguageModel.encode_prompt``), and the
+settings (greedy, sampling or beam search; min/max new tokens, repetition penalty, no-repeat
+n-gram size, stop strings, the tokenizer's real end-of-sequence) reach ``generate``.
 
 In the chat, ``/image PATH`` attaches an image to the next message (``--image`` to the
-first); answers are printed whole (no streaming from embeddings yet).
+first); answers stream as they are generated (beam search prints them whole).
 """
 
 from __future__ import annotations
 
 import sys
-from typing import TextIO
-
-import torch
+from typing import Callable, TextIO
 
 from tunelab.data.conversation import Conversation, ImagePart, Message, TextPart
 from tunelab.errors import TunelabError
-from tunelab.generation import FALLBACK_REPLY, GenerationSettings, _generation_kwargs, eos_token_ids
-from tunelab.stops import cut_at_stop, template_stops
+from tunelab.generation import FALLBACK_REPLY, GenerationSettings, check_context, generate_ids
 
 HELP = "commands: exit | quit | clear | /image PATH (attach to the next message) | /system TEXT"
 
 
 def answer(model, tokenizer, conv: Conversation, settings: GenerationSettings | None = None,
-           dataset_dir: str | None = None) -> str:
-    """The model's answer to ``conv`` (a trailing assistant message is left out of the prompt)."""
-    from tunelab.data.images import image_spans, resolve_image
-    from tunelab.data.render import prompt_ids
-    from tunelab.vision.data import pixel_batch
+           dataset_dir: str | None = None, on_text: Callable[[str], None] | None = None) -> str:
+    """The model's answer to ``conv`` (a trailing assistant message is left out of the prompt).
 
+    ``on_text(piece)`` gets the answer as it is generated (not with beam search)."""
     settings = settings or GenerationSettings()
-    vcfg = model.vision_cfg
-    grouped, spans = image_spans(conv, vcfg.multi_image == "mean", vcfg.image_token)
-    paths = [[resolve_image(ref, conv, dataset_dir) for ref in span] for span in spans]
-    ids = prompt_ids(tokenizer, grouped, image_token=vcfg.image_token * model.tokens_per_image)
-    pixels, groups = pixel_batch([paths], model.tower.preprocess)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    kwargs = _generation_kwargs(settings, settings.max_new_tokens, pad, eos_token_ids(model.llm, tokenizer))
-    if settings.seed is not None:
-        torch.manual_seed(settings.seed)
-    out = model.generate(torch.tensor([ids]), pixel_values=pixels, image_groups=groups, **kwargs)
-    text = tokenizer.decode(out[0], skip_special_tokens=True)
-    text, _ = cut_at_stop(text, tuple(settings.stop) + tuple(template_stops(tokenizer)))
-    return text.strip()
+    ids, spans = model.encode_prompt(tokenizer, conv, dataset_dir)
+    check_context(model, len(ids), settings.max_new_tokens)
+    stream = None if on_text is None or settings.num_beams > 1 else (lambda _row, piece: on_text(piece))
+    (result,) = generate_ids(model, tokenizer, [ids], settings, images=[spans], on_text=stream)
+    if on_text is not None and stream is None:
+        on_text(result.text)
+    return result.text.strip()
 
 
 def chat_loop(model, tokenizer, settings: GenerationSettings | None = None, system: str | None = None,
@@ -75,14 +65,23 @@ def chat_loop(model, tokenizer, settings: GenerationSettings | None = None, syst
             continue
         user = Message("user", [ImagePart(p) for p in pending] + [TextPart(text)])
         head = [Message("system", [TextPart(system)])] if system else []
+        shown: list[str] = []
+
+        def show(piece: str) -> None:
+            shown.append(piece)
+            output.write(piece)
+            output.flush()
+
         try:
-            reply = answer(model, tokenizer, Conversation(head + history + [user], "chat"), settings)
+            reply = answer(model, tokenizer, Conversation(head + history + [user], "chat"), settings, on_text=show)
         except TunelabError as exc:  # a missing image, say: report it and keep the session
-            output.write(f"(error: {exc})\n")
+            output.write(f"{chr(10) if shown else ''}(error: {exc})\n")
             continue
         pending = []
-        reply = reply or FALLBACK_REPLY
-        output.write(f"{reply}\n")
+        if not reply:
+            reply = FALLBACK_REPLY
+            output.write(reply)
+        output.write("\n")
         output.flush()
         history += [user, Message("assistant", [TextPart(reply)])]
     return history

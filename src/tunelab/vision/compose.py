@@ -82,7 +82,7 @@ def load_vlm(run: str | Path, for_training: bool = False, vision: VisionConfig |
     from safetensors.torch import load_file
 
     from tunelab.config import load_config
-    from tunelab.models.loading import ResolvedSpec, _load_tokenizer, load_model
+    from tunelab.models.loading import load_folder_tokenizer, load_model
 
     run = Path(run).expanduser()
     info = read_info(run)
@@ -95,7 +95,7 @@ def load_vlm(run: str | Path, for_training: bool = False, vision: VisionConfig |
 
         llm = PeftModel.from_pretrained(llm, str(run), is_trainable=for_training)
     side = "right" if for_training else "left"
-    tokenizer = _load_tokenizer(ResolvedSpec("hf", str(run)), cfg.model, cfg.model.template, side)
+    tokenizer = load_folder_tokenizer(run, cfg.model, side)
     tower = load_tower(vcfg, cfg.model.trust_remote_code)
     if info.get("tower_weights"):
         tower.encoder.load_state_dict(load_file(str(run / info["tower_weights"])))

@@ -101,7 +101,9 @@ def encode_all_vision(tokenizer: Any, conversations: Iterable[Conversation], lay
 
 
 def pixel_batch(spans_per_row: list[list[list[str]]], preprocess) -> tuple[Any, Any]:
-    """``(pixel_values, image_groups)`` for a batch: every image in order, and its span number."""
+    """``(pixel_values, image_groups)`` for a batch: every image in order, and its span number.
+
+    An image is a path, a ``data:`` URL or an already opened PIL image."""
     import torch
 
     images, groups = [], []
@@ -109,7 +111,7 @@ def pixel_batch(spans_per_row: list[list[list[str]]], preprocess) -> tuple[Any, 
     for row in spans_per_row:
         for paths in row:
             for path in paths:
-                images.append(open_image(path))
+                images.append(open_image(path) if isinstance(path, str) else path.convert("RGB"))
                 groups.append(span)
             span += 1
     if not images:

@@ -119,7 +119,9 @@ class VisionLanguageModel(nn.Module):
         """``(N, tokens, tower_dim)``; a frozen tower runs without gradients, through the cache."""
         if not self._tower_frozen():
             return self.tower(pixel_values)
-        if self.cache is None:
+        if self.cache is None or torch.is_inference_mode_enabled():
+            # Inference-mode tensors cannot enter a later training step's graph: generation
+            # (tunelab.generation runs in inference mode) neither reads nor fills the cache.
             with torch.no_grad():
                 return self.tower(pixel_values)
         keys = [self.cache.key(px) for px in pixel_values]
@@ -167,6 +169,43 @@ class VisionLanguageModel(nn.Module):
                 labels: torch.Tensor | None = None, **kwargs):
         embeds = self.embed(input_ids, pixel_values, image_groups)
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    # The generation core (``tunelab.generation``) asks a model with these two methods for its prompt
+    # ids and image inputs, so eval, chat and serve take an image-bearing conversation like a text one.
+
+    def encode_prompt(self, tokenizer, prompt, dataset_dir=None) -> tuple[list[int], list[list]]:
+        """``(prompt ids, image spans)`` of a conversation, OpenAI-style messages or raw text.
+
+        Placeholders are expanded as in training (``tunelab.vision.data``); a trailing assistant
+        message is left out. Image references are paths (resolved against ``dataset_dir`` too),
+        ``data:`` URLs or PIL images.
+        """
+        from tunelab.data.conversation import Conversation
+        from tunelab.data.images import image_spans, resolve_image
+        from tunelab.data.render import prompt_ids
+
+        token = self.vision_cfg.image_token
+        if isinstance(prompt, str):
+            if token in prompt:
+                raise TunelabError(f"a raw text prompt holds {token} but no image; send chat messages with image parts")
+            return list(tokenizer(prompt)["input_ids"]), []
+        conv = prompt if isinstance(prompt, Conversation) else Conversation.from_openai(
+            [m.to_openai() if hasattr(m, "to_openai") else m for m in prompt], "prompt")
+        grouped, spans = image_spans(conv, self.vision_cfg.multi_image == "mean", token)
+        spans = [[ref if not isinstance(ref, str) else resolve_image(ref, conv, dataset_dir) for ref in span]
+                 for span in spans]
+        ids = prompt_ids(tokenizer, grouped, image_token=token * self.tokens_per_image)
+        if ids.count(self.image_token_id) != len(spans) * self.tokens_per_image:
+            raise TunelabError(f"{conv.source}: {ids.count(self.image_token_id)} image tokens after rendering, "
+                               f"expected {len(spans)} image(s) x {self.tokens_per_image}")
+        return ids, spans
+
+    def image_inputs(self, spans_per_row: list[list[list]]) -> dict:
+        """``generate`` keyword arguments for a batch: ``pixel_values`` and ``image_groups`` (or none)."""
+        from tunelab.vision.data import pixel_batch
+
+        pixels, groups = pixel_batch(spans_per_row, self.tower.preprocess)
+        return {} if pixels is None else {"pixel_values": pixels, "image_groups": groups}
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

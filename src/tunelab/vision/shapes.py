@@ -15,6 +15,8 @@ import json
 import random
 from pathlib import Path
 
+from tunelab.errors import TunelabError
+
 COLOURS = {"red": (215, 40, 40), "green": (40, 170, 70), "blue": (45, 75, 215), "yellow": (235, 200, 40)}
 SHAPES = ("circle", "square", "triangle")
 CELLS = ("top left", "top right", "bottom left", "bottom right")
@@ -73,12 +75,19 @@ def questions(objects: list[tuple[str, str, int]], rng: random.Random) -> list[t
     ]
 
 
-def build_shapes(out: str | Path, n_train: int = 200, n_test: int = 40, seed: int = 0) -> dict[str, Path]:
+def build_shapes(out: str | Path, n_train: int = 200, n_test: int = 40, seed: int = 0,
+                 views: int = 1) -> dict[str, Path]:
     """Draw the scenes into ``out/images`` and write ``out/train.jsonl`` and ``out/test.jsonl``.
 
     Rows are openai-style ``messages`` with an ``images`` list (relative to ``out``) and the
-    question ``type``; returns the two file paths.
+    question ``type``; returns the two file paths. ``views=2`` draws every scene twice (the
+    shapes placed anew within their cells) and puts both views side by side in each question,
+    R2GenGPT's two-view input (``model.vision.multi_image: mean``).
     """
+    from tunelab.io import write_jsonl
+
+    if views < 1:
+        raise TunelabError(f"views: must be at least 1, got {views}")
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -87,12 +96,25 @@ def build_shapes(out: str | Path, n_train: int = 200, n_test: int = 40, seed: in
         rows = []
         for i in range(count):
             objects = _scene(rng, split == "test")
-            name = f"images/{split}_{i:04d}.png"
-            _draw(objects, rng).save(out / name)
+            names = [f"images/{split}_{i:04d}.png" if views == 1 else f"images/{split}_{i:04d}_v{v}.png"
+                     for v in range(views)]
+            for name in names:
+                _draw(objects, rng).save(out / name)
             for kind, question, answer in questions(objects, rng):
-                rows.append({"messages": [{"role": "user", "content": f"<image>{question}"},
+                rows.append({"messages": [{"role": "user", "content": "<image>" * views + question},
                                           {"role": "assistant", "content": answer}],
-                             "images": [name], "type": kind})
-        paths[split] = out / f"{split}.jsonl"
-        paths[split].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+                             "images": names, "type": kind})
+        paths[split] = write_jsonl(out / f"{split}.jsonl", rows)
     return paths
+
+
+def without_images(path: str | Path, out: str | Path) -> Path:
+    """The same rows with the images and their placeholders removed (the text-only baseline's data)."""
+    from tunelab.io import write_jsonl
+
+    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    for row in rows:
+        row.pop("images", None)
+        for message in row["messages"]:
+            message["content"] = message["content"].replace("<image>", "")
+    return write_jsonl(out, rows)

@@ -40,7 +40,7 @@ class Tower(nn.Module):
         self.processor = processor  # the HF image processor (saved beside exports), or None
         self._grid: tuple[int, int] | None = None
         with torch.no_grad():
-            probe = self.forward(self.preprocess([_blank_image()]))
+            probe = self.forward(self.preprocess([blank_image()]))
         self.tokens, self.dim = int(probe.shape[1]), int(probe.shape[2])
 
     @property
@@ -77,7 +77,7 @@ def _hidden_states(out: Any, spec: str) -> tuple:
     return tuple(states)
 
 
-def _has_cls(length: int) -> bool:
+def has_cls(length: int) -> bool:
     """A ViT/CLIP sequence is a square grid plus one CLS token; SigLIP/Swin sequences are square."""
     return length > 1 and math.isqrt(length - 1) ** 2 == length - 1 and math.isqrt(length) ** 2 != length
 
@@ -93,7 +93,7 @@ def select_features(hidden: torch.Tensor, cfg: VisionConfig) -> torch.Tensor:
         return grid.flatten(2).transpose(1, 2)
     if hidden.dim() != 3:
         raise TunelabError(f"model.vision.tower: unexpected feature shape {tuple(hidden.shape)}")
-    cls = _has_cls(hidden.shape[1])
+    cls = has_cls(hidden.shape[1])
     if cfg.feature == "cls":
         if not cls:
             raise TunelabError("model.vision.feature: cls: this tower's sequence has no CLS token; use patch")
@@ -116,7 +116,7 @@ def _pool(grid: torch.Tensor, stride: int) -> torch.Tensor:
     return F.adaptive_avg_pool2d(grid, (math.ceil(h / stride), math.ceil(w / stride)))
 
 
-def _blank_image():
+def blank_image():
     from PIL import Image
 
     return Image.new("RGB", (EFFNET_SIZE, EFFNET_SIZE), (127, 127, 127))

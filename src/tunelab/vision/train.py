@@ -97,6 +97,20 @@ def build_examples(cfg: RunConfig, tokenizer, model) -> tuple[list[dict], list[d
     return engine_build(cfg, tokenizer, encode)
 
 
+def check_data(cfg: RunConfig) -> None:
+    """Every training/eval row reads and every image it names exists (opening them is ``data check``'s job)."""
+    from tunelab.data.images import resolve_images
+    from tunelab.data.registry import load_datasets
+
+    d = cfg.data
+    if not d.train:
+        raise TunelabError("data.train: no training data given (a file path or a dataset name)")
+    for specs in (d.train, d.eval):
+        if specs:
+            for conv in load_datasets(specs, d.dataset_dir, d.max_samples, cfg.train.seed):
+                resolve_images(conv, d.dataset_dir)
+
+
 def to_dataset(examples: list[dict]):
     from datasets import Dataset
 
@@ -104,30 +118,25 @@ def to_dataset(examples: list[dict]):
                                "images": e["images"]} for e in examples])
 
 
-def _make_trainer(cfg: RunConfig, model, tokenizer, args, train_ds, eval_ds, out: Path, callbacks: list):
-    """The engine's SFTTrainer (loss on supervised tokens only) with the image collator and the
-    per-part optimizer, and the engine's logging/interrupt/thread callbacks."""
-    from transformers import EarlyStoppingCallback, PrinterCallback
+def vision_stage(cfg: RunConfig, model):
+    """``model``'s ``sft`` stage: the image collator and one optimizer group per part.
 
-    from tunelab.train.callbacks import MetricsLogger, ProgressBar, SaveOnInterrupt
-    from tunelab.train.run import _say
-    from tunelab.train.threads import ThreadGovernor
+    The loss is SFTTrainer's (supervised tokens only); the engine's ``build_trainer`` adds its
+    logging, progress, interrupt and thread callbacks as for a text run."""
+    from tunelab.train.stages import Stage
     from tunelab.train.trainer import SFTTrainer
     from tunelab.vision.data import VisionCollator
 
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         data_collator=VisionCollator(tokenizer.pad_token_id, model.tower.preprocess),
-                         processing_class=tokenizer, share_prefix=False)
-    trainer.optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.train.lr,
-                                          weight_decay=cfg.train.weight_decay)
-    trainer.remove_callback(PrinterCallback)
-    metrics = MetricsLogger(out / "metrics.jsonl", trainer, None)
-    interrupt = SaveOnInterrupt()
-    for callback in [metrics, ProgressBar(metrics), interrupt, ThreadGovernor(say=_say), *callbacks]:
-        trainer.add_callback(callback)
-    if cfg.train.early_stopping_patience and eval_ds is not None:
-        trainer.add_callback(EarlyStoppingCallback(cfg.train.early_stopping_patience))
-    return trainer, metrics, interrupt
+    def make_trainer(cfg, model, tokenizer, args, train_ds, eval_ds):
+        trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                             data_collator=VisionCollator(tokenizer.pad_token_id, model.tower.preprocess),
+                             processing_class=tokenizer, share_prefix=False)
+        trainer.optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.train.lr,
+                                              weight_decay=cfg.train.weight_decay)
+        return trainer
+
+    return Stage("sft", lambda cfg, tokenizer: build_examples(cfg, tokenizer, model),
+                 lambda examples, cfg, train: to_dataset(examples), make_trainer)
 
 
 def train_vlm(cfg: RunConfig, callbacks: list | None = None) -> Path:
@@ -141,33 +150,40 @@ def train_vlm(cfg: RunConfig, callbacks: list | None = None) -> Path:
     started = time.monotonic()
     _refuse_unsupported(cfg)
     budget = from_config(cfg.train)
-    out, _ = engine._prepare_folder(cfg)
+    check_data(cfg)  # before the run folder and the model load: a bad row or a missing image fails in seconds
+    out, _ = engine.prepare_folder(cfg)
     precision, threads = engine.decide_hardware(cfg)
     set_seed(cfg.train.seed)
     started_from = cfg.model.name if (Path(cfg.model.name).expanduser() / "vision.json").is_file() else None
     model, tokenizer = start_vlm(cfg.model, cfg.train.seed)
     tokenizer.padding_side = "right"
-    train_ex, eval_ex, summary_line = build_examples(cfg, tokenizer, model)
-    engine._say(f"data: {len(train_ex)} train / {len(eval_ex)} eval examples ({summary_line}); "
-                f"{model.tokens_per_image} tokens per image")
+    stage = vision_stage(cfg, model)
+    train_ex, eval_ex, summary_line = stage.build_examples(cfg, tokenizer)
+    engine.say(f"data: {len(train_ex)} train / {len(eval_ex)} eval examples ({summary_line}); "
+               f"{model.tokens_per_image} tokens per image")
     method_callbacks = apply_stage(model, cfg)
-    train_ds, eval_ds = to_dataset(train_ex), (to_dataset(eval_ex) if eval_ex else None)
+    train_ds = stage.to_dataset(train_ex, cfg, True)
+    eval_ds = stage.to_dataset(eval_ex, cfg, False) if eval_ex else None
     per_step = cfg.train.batch_size * cfg.train.grad_accum * int(os.environ.get("WORLD_SIZE", "1"))
     args = engine.training_arguments(cfg, out, max(1, math.ceil(len(train_ds) / per_step)), eval_ds is not None,
                                      bf16=precision.value == "bf16")
     if budget is not None:
         budget.eval_rows = len(eval_ex)
     extra = [c for c in (budget, *method_callbacks, *(callbacks or [])) if c is not None]
-    trainer, metrics, interrupt = _make_trainer(cfg, model, tokenizer, args, train_ds, eval_ds, out, extra)
+    trainer, metrics, interrupt = engine.build_trainer(cfg, stage, model, tokenizer, args, train_ds, eval_ds,
+                                                       out, None, extra)
     trainer.train()
     if interrupt.interrupted:
         raise KeyboardInterrupt
     if eval_ds is not None and not any("eval_loss" in r for r in metrics.records[-1:]):
         trainer.evaluate()
-    summary = engine._summary(trainer, metrics, started, {
+    summary = engine.run_summary(trainer, metrics, started, {
         "trainable": trainable_line(model), "train_examples": len(train_ex), "eval_examples": len(eval_ex),
         "encode": summary_line, "precision": "bf16 autocast" if precision.value == "bf16" else "fp32",
         "threads": f"{threads.threads} ({threads.reason})"})
+    if budget is not None:
+        summary["time_budget"] = budget.describe()
+        engine.say(summary["time_budget"])
     if model.cache is not None:
         summary["feature_cache"] = {"hits": model.cache.hits, "misses": model.cache.misses}
     save_run(model, tokenizer, cfg, out, trainer, summary, metrics.records, started_from)

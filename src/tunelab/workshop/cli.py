@@ -73,6 +73,11 @@ def register_data_commands(data_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-samples", type=int, help="use at most N prompts per dataset (seeded shuffle)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--dataset-dir", help="folder with a dataset_info.json for named datasets")
+    p.add_argument("--judge-base-url", help="keep only wrong answers an LLM judge at this OpenAI-compatible "
+                                            "endpoint rates below the reference (open-ended tasks)")
+    p.add_argument("--judge-model", help="judge model name (with --judge-base-url)")
+    p.add_argument("--judge-api-key-env", default="OPENAI_API_KEY",
+                   help="environment variable holding the judge API key")
     p.set_defaults(func=_mistakes)
 
 
@@ -196,11 +201,24 @@ def _distill(args: argparse.Namespace) -> int:
 def _mistakes(args: argparse.Namespace) -> int:
     from tunelab.workshop.mistakes import mistake_pairs
 
+    judge = None
+    if bool(args.judge_base_url) != bool(args.judge_model):
+        raise TunelabError("data mistakes: --judge-base-url and --judge-model go together")
+    if args.judge_base_url:
+        import os
+
+        from tunelab.eval.judge import JudgeClient
+
+        judge = JudgeClient(base_url=args.judge_base_url, model=args.judge_model,
+                            api_key=os.environ.get(args.judge_api_key_env, "EMPTY"),
+                            cache_path=str(Path(args.out) / f"{args.name}.judge.cache"))  # not a data suffix
     report = mistake_pairs(args.model, args.datasets, args.out, dataset_dir=args.dataset_dir,
                            max_samples=args.max_samples, samples=args.samples, temperature=args.temperature,
                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
-                           name=args.name)
-    _table(f"{args.name} -> {args.out}", ["", "count"], [
-        ["prompts", report.prompts], ["answers", report.answers], ["right (no pair)", report.correct],
-        ["empty (no pair)", report.empty], ["pairs written", report.pairs]])
+                           name=args.name, judge=judge)
+    rows = [["prompts", report.prompts], ["answers", report.answers], ["right (no pair)", report.correct],
+            ["empty (no pair)", report.empty]]
+    if judge is not None:
+        rows.append(["not rated below the reference by the judge (no pair)", report.judge_dropped])
+    _table(f"{args.name} -> {args.out}", ["", "count"], [*rows, ["pairs written", report.pairs]])
     return 0

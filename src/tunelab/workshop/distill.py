@@ -54,6 +54,10 @@ class DistillConfig:
     """Environment variable holding the key (never the key itself in a file)."""
     question_column: str = "question"
     """Column of the question in a data file (``instruction`` is tried when absent)."""
+    image_column: str = "image"
+    """Column with an image path (relative to the questions file) sent with each question to a
+    vision endpoint (seed 002), as a ``data:`` URL in an ``image_url`` part; the record keeps the
+    image (``images``, an ``<image>`` placeholder in ``instruction``). Rows without one are text-only."""
     keep_instruction: bool = False
     """Also store the style prompt as the record's ``system`` (off: learn the style unprompted)."""
     temperature: float = 0.7
@@ -115,29 +119,52 @@ def make_config(data: dict[str, Any], base_dir: Path | None = None, label: str =
 
 
 def load_questions(config: DistillConfig) -> list[str]:
+    return [question for question, _ in load_items(config)]
+
+
+def load_items(config: DistillConfig) -> list[tuple[str, Path | None]]:
+    """``(question, image file or None)`` per question; a named image that is missing is an error."""
     if isinstance(config.questions, list):
-        return [str(q) for q in config.questions]
+        return [(str(q), None) for q in config.questions]
     from tunelab.data.readers import iter_rows
 
     path = config.resolve(config.questions)
-    questions = []
+    items = []
     for number, row in iter_rows(path):
         column = config.question_column if config.question_column in row else "instruction"
         if column not in row:
             raise TunelabError(f"{path}:{number}: column {config.question_column!r}: missing "
                                f"(columns: {', '.join(map(str, row))})")
         text = str(row[column]).strip()
+        image = str(row.get(config.image_column) or "").strip() or None
+        if image is not None:
+            image_path = Path(image).expanduser()
+            image_path = image_path if image_path.is_absolute() else path.parent / image_path
+            if not image_path.is_file():
+                raise TunelabError(f"{path}:{number}: {config.image_column}: {image}: not found")
+            image = image_path
         if text:
-            questions.append(text)
-    return questions
+            items.append((text, image))
+    return items
 
 
-def build_messages(config: DistillConfig, question: str) -> list[dict[str, str]]:
-    if not config.instruction:
-        return [{"role": "user", "content": question}]
-    if config.instruction_role == "system":
-        return [{"role": "system", "content": config.instruction}, {"role": "user", "content": question}]
-    return [{"role": "user", "content": f"{config.instruction}\n{question}"}]
+def _image_part(image: Path) -> dict[str, Any]:
+    import base64
+    import mimetypes
+
+    kind = mimetypes.guess_type(image.name)[0] or "image/png"
+    url = f"data:{kind};base64," + base64.b64encode(image.read_bytes()).decode("ascii")
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def build_messages(config: DistillConfig, question: str, image: Path | None = None) -> list[dict[str, Any]]:
+    text = f"{config.instruction}\n{question}" if config.instruction and config.instruction_role == "prefix" else question
+    user: dict[str, Any] = {"role": "user", "content": text}
+    if image is not None:
+        user["content"] = [_image_part(image), {"type": "text", "text": text}]
+    if config.instruction and config.instruction_role == "system":
+        return [{"role": "system", "content": config.instruction}, user]
+    return [user]
 
 
 def request_key(config: DistillConfig, messages: list[dict]) -> str:
@@ -232,8 +259,13 @@ def call(client: Any, config: DistillConfig, messages: list[dict], limiter: Rate
     raise AssertionError("unreachable")
 
 
-def _record(config: DistillConfig, question: str, key: str, index: int, result: dict) -> dict:
-    record = {"instruction": question, "input": "", "output": result["answer"]}
+def _record(config: DistillConfig, question: str, key: str, index: int, result: dict,
+            image: Path | None = None) -> dict:
+    record: dict[str, Any] = {"instruction": question, "input": "", "output": result["answer"]}
+    if image is not None:  # training data for a vision run: the image where the question shows it
+        output = config.resolve(config.output)
+        record["instruction"] = "<image>" + question
+        record["images"] = [os.path.relpath(image.resolve(), output.resolve().parent)]
     if config.keep_instruction and config.instruction:
         record["system"] = config.instruction
     record["distill"] = {"endpoint": config.base_url, "model": result["model"], "prompt": config.instruction,
@@ -248,13 +280,14 @@ def distill(config: DistillConfig | str | Path, progress: bool = False) -> Disti
     output = config.resolve(config.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     cache = Cache(config.resolve(config.cache_dir) if config.cache_dir else output.with_name(output.name + ".cache"))
-    questions = load_questions(config)
+    items = load_items(config)
+    questions, images = [q for q, _ in items], [image for _, image in items]
     _reorder(output)  # also drops a torn last line, so appends start on a fresh line
     done = finished_ids(output)
     report = DistillReport(total=len(questions), output=output)
     todo = []
     for index, question in enumerate(questions):
-        messages = build_messages(config, question)
+        messages = build_messages(config, question, images[index])
         key = request_key(config, messages)
         if key in done:
             report.done_before += 1
@@ -266,7 +299,7 @@ def distill(config: DistillConfig | str | Path, progress: bool = False) -> Disti
     for index, question, messages, key in todo:
         hit = cache.get(key)
         if hit is not None:
-            append_jsonl(output, _record(config, question, key, index, hit))
+            append_jsonl(output, _record(config, question, key, index, hit, images[index]))
             report.cached += 1
         else:
             pending.append((index, question, messages, key))
@@ -274,12 +307,12 @@ def distill(config: DistillConfig | str | Path, progress: bool = False) -> Disti
         report.skipped_by_limit = len(pending) - config.limit
         pending = pending[: config.limit]
     if pending:
-        _run(config, pending, cache, output, report, lock, progress)
+        _run(config, pending, cache, output, report, lock, progress, images)
     _reorder(output)
     return report
 
 
-def _run(config, pending, cache, output, report, lock, progress) -> None:
+def _run(config, pending, cache, output, report, lock, progress, images) -> None:
     client, limiter = _client(config), RateLimiter(config.rate_limit)
     bar = None
     if progress:
@@ -302,7 +335,7 @@ def _run(config, pending, cache, output, report, lock, progress) -> None:
                 continue
             cache.put(key, result)
             with lock:
-                append_jsonl(output, _record(config, question, key, index, result))
+                append_jsonl(output, _record(config, question, key, index, result, images[index]))
                 report.requested += 1
             if bar is not None:
                 bar.update(1)

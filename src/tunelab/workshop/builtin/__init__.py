@@ -15,6 +15,7 @@ from tunelab.errors import TunelabError
 from tunelab.workshop.builtin.icd10cm import build_icd10cm_chapter, build_icd10cm_norm
 from tunelab.workshop.builtin.icd10cm_text import build_icd10cm_text
 from tunelab.workshop.builtin.zh_disease import build_zh_disease
+from tunelab.workshop.builtin.zh_disease_text import build_zh_disease_text
 
 BUILDERS: dict[str, tuple[Callable[..., dict[str, int]], str]] = {
     "icd10cm-norm": (build_icd10cm_norm, "English clinical term -> standard ICD-10-CM description (simple-icd-10-cm)"),
@@ -22,6 +23,8 @@ BUILDERS: dict[str, tuple[Callable[..., dict[str, int]], str]] = {
     "icd10cm-text": (build_icd10cm_text, "ICD-10-CM as running text for continued pre-training (train.stage=pt), "
                                          "held-out documents for domain perplexity (simple-icd-10-cm)"),
     "zh-disease": (build_zh_disease, "Chinese symptoms -> JSON diagnosis, plus drug/department facts (faker-healthcare-provider)"),
+    "zh-disease-text": (build_zh_disease_text, "Chinese disease/symptom/drug running text for continued pre-training "
+                                               "(train.stage=pt), held-out diseases (faker-healthcare-provider)"),
 }
 
 
@@ -51,4 +54,4 @@ def _check_options(name: str, function: Callable, options: dict[str, Any]) -> No
 
 
 __all__ = ["BUILDERS", "build_builtin", "build_icd10cm_norm", "build_icd10cm_chapter", "build_icd10cm_text",
-           "build_zh_disease"]
+           "build_zh_disease", "build_zh_disease_text"]
