@@ -104,9 +104,8 @@ def load_feedback(specs: Iterable[str] | str, dataset_dir: str | Path | None = N
                   max_samples: int | None = None, seed: int = 42) -> list[Feedback]:
     """Feedback of several datasets (paths or registered names) in order; ``max_samples``
     keeps that many examples per dataset after a seeded shuffle (a pair row gives two)."""
-    import random
-
-    from tunelab.data.registry import resolve
+    
+    from tunelab.data.registry import resolve, take_samples
 
     if isinstance(specs, str):
         specs = [specs]
@@ -116,13 +115,7 @@ def load_feedback(specs: Iterable[str] | str, dataset_dir: str | Path | None = N
         items = [f for path in entry.files
                  for f in read_feedback(path, entry.formatting, entry.columns, entry.tags, entry.sheet,
                                         entry.ranking)]
-        limit = max_samples if max_samples is not None else entry.num_samples
-        if limit is not None:
-            if limit < 1:
-                raise TunelabError(f"{spec}: max_samples must be at least 1, got {limit}")
-            random.Random(seed).shuffle(items)
-            items = items[:limit]
-        out.extend(items)
+        out.extend(take_samples(items, spec, max_samples, entry.num_samples, seed))
     return out
 
 

@@ -142,14 +142,20 @@ def load_dataset(
                                                 entry.tags or None, entry.sheet, on_error))
     for conv in conversations:
         conv.meta.setdefault("dataset", entry.name)
-    limit = max_samples if max_samples is not None else entry.num_samples
-    if limit is not None:
-        if limit < 1:
-            raise TunelabError(f"{spec}: max_samples must be at least 1, got {limit}")
-        conversations = list(conversations)
-        random.Random(seed).shuffle(conversations)
-        conversations = conversations[:limit]
-    return conversations
+    return take_samples(conversations, spec, max_samples, entry.num_samples, seed)
+
+
+def take_samples(items: list, spec: str, max_samples: int | None, num_samples: int | None, seed: int) -> list:
+    """``max_samples`` (else the entry's ``num_samples``) items after a shuffle seeded with
+    ``seed``; all of them, in file order, when neither is set."""
+    limit = max_samples if max_samples is not None else num_samples
+    if limit is None:
+        return items
+    if limit < 1:
+        raise TunelabError(f"{spec}: max_samples must be at least 1, got {limit}")
+    items = list(items)
+    random.Random(seed).shuffle(items)
+    return items[:limit]
 
 
 def load_datasets(

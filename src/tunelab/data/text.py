@@ -15,7 +15,6 @@ A row without the text column, or with non-text in it, is an error naming
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -109,15 +108,11 @@ def load_documents(specs: Iterable[str] | str, dataset_dir: str | Path | None = 
     after a shuffle seeded with ``seed``."""
     if isinstance(specs, str):
         specs = [specs]
+    from tunelab.data.registry import take_samples
+
     out: list[Document] = []
     for spec in specs:
         files, column, num_samples = _resolve(spec, dataset_dir)
         docs = [d for f in files for d in read_documents(f, column)]
-        limit = max_samples if max_samples is not None else num_samples
-        if limit is not None:
-            if limit < 1:
-                raise TunelabError(f"{spec}: max_samples must be at least 1, got {limit}")
-            random.Random(seed).shuffle(docs)
-            docs = docs[:limit]
-        out.extend(docs)
+        out.extend(take_samples(docs, spec, max_samples, num_samples, seed))
     return out
