@@ -38,6 +38,22 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / divisor
 
 
+def own_peak_rss_mb() -> float:
+    """This process's own peak RSS in MiB: ``VmHWM``, which starts afresh at exec.
+
+    ``ru_maxrss`` does not: Linux carries the parent's RSS at fork into the child's maximum
+    across exec, so a child started by a process holding a model reports at least that.
+    Falls back to ``peak_rss_mb`` where /proc is missing.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return peak_rss_mb()
+
+
 def current_rss_mb() -> float:
     """This process's resident set size now, in MiB (0 where /proc is missing)."""
     try:

@@ -34,6 +34,36 @@ def test_tiny_llama_answers_the_same_in_llama_cpp(tiny_llama, tiny_tokenizer, tm
     assert agreement.identical_answers >= 5, agreement.line()
 
 
+
+def test_llama_cpp_scores_and_generates_like_transformers(tiny_llama, tiny_tokenizer, tmp_path):
+    """The benchmark's extras: per-token log-probabilities of a window equal transformers' (f32 file),
+    and greedy answers to rendered chat texts, tokenized by llama.cpp, equal transformers' greedy ones."""
+    import torch
+
+    from tunelab.export.check import fingerprint, stop_ids
+    from tunelab.export.gguf import write_gguf
+    from tunelab.generation import render_prompt
+
+    path = tmp_path / "tiny.gguf"
+    write_gguf(tiny_llama, tiny_tokenizer, path, "f32")
+    stops = stop_ids(tiny_llama, tiny_tokenizer)
+    window = tiny_tokenizer("The patient has a fever and a cough since Monday.", add_special_tokens=False)["input_ids"]
+    chats = [[{"role": "user", "content": "Normalise: acute appendicitis"}], [{"role": "user", "content": "Hi"}]]
+    texts = [tiny_tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
+    result = llamacpp.run_probes(path, [], [], stops, score=[window], generate_texts=texts, generate_tokens=12)
+    with torch.inference_mode():
+        logits = tiny_llama(input_ids=torch.tensor([window])).logits[0, :-1]
+    want = torch.log_softmax(logits, -1).gather(1, torch.tensor(window[1:])[:, None])[:, 0]
+    got = torch.tensor(result["score"][0]["logprobs"])
+    assert got.shape == want.shape and float((got - want).abs().max()) < 1e-3
+    assert result["score"][0]["top1"] == logits.argmax(-1).tolist()
+    prompts = [render_prompt(tiny_tokenizer, c) for c in chats]
+    assert [list(p) for p in result["generate_prompts"]] == prompts
+    reference = fingerprint(tiny_llama, tiny_tokenizer, max_new_tokens=12, prompts=prompts)
+    for mine, theirs in zip(result["generated"], reference.answers):
+        assert list(mine) == [t for t in theirs if t not in stops]  # llama.cpp does not yield the end token
+    assert 0 < result["rss_after_probes_bytes"] <= result["max_rss_bytes"]
+
 @pytest.fixture(scope="module")
 def builtin_source():
     """SmolLM2-135M loaded once and fingerprinted once (6 probes x 64 greedy tokens) for every type."""

@@ -61,6 +61,18 @@ def test_bad_pairs_name_file_line_and_field(tmp_path):
         load_pairs(str(path))
 
 
+def test_pair_sampling_matches_sft_sampling(pairs_file):
+    from tunelab.data.registry import take_samples
+
+    every = load_pairs(str(pairs_file))
+    some = load_pairs(str(pairs_file), max_samples=5, seed=3)
+    # The same seeded draw SFT datasets get, so a recipe's max_samples means one thing.
+    assert [p.chosen for p in some] == [p.chosen for p in take_samples(every, "x", 5, None, 3)]
+    assert len({p.chosen.messages[-1].text for p in some}) == 5
+    with pytest.raises(TunelabError, match="max_samples must be at least 1, got 0"):
+        load_pairs(str(pairs_file), max_samples=0)
+
+
 def test_registry_ranking_entry(tmp_path, pairs_file):
     (tmp_path / "dataset_info.json").write_text(json.dumps({"prefs": {
         "file_name": str(pairs_file), "ranking": True,

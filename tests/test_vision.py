@@ -47,6 +47,57 @@ def test_bad_tower_settings_are_one_line_errors(tower_dirs, tmp_path):
         _vcfg("x", projector="qformer")
 
 
+def test_pixel_shuffle_pads_the_grid_and_stacks_each_block_in_channels():
+    """7x7 by 2: padded to 8x8, 16 tokens; channel c*4 + i*2 + j is channel c at (i, j) of the block."""
+    import torch
+
+    from tunelab.vision.towers import select_features
+
+    channels, side, factor = 3, 7, 2
+    grid = torch.tensor([[[[c * 100 + y * 10 + x + 1.0 for x in range(side)] for y in range(side)]
+                          for c in range(channels)]])
+    tokens = select_features(grid, _vcfg("x", pixel_shuffle=factor))
+    assert tokens.shape == (1, 16, channels * factor * factor)
+    for by in range(4):
+        for bx in range(4):
+            for c in range(channels):
+                for i in range(factor):
+                    for j in range(factor):
+                        y, x = by * factor + i, bx * factor + j
+                        expected = grid[0, c, y, x].item() if y < side and x < side else 0.0  # padding
+                        assert tokens[0, by * 4 + bx, c * 4 + i * 2 + j].item() == expected
+
+
+def test_pixel_shuffle_widens_the_tower_and_counts_its_tokens(tiny_dir, tower_dirs, tmp_path):
+    import torch
+
+    from tunelab.errors import TunelabError
+    from tunelab.vision.towers import load_tower
+
+    tower = load_tower(_vcfg(tower_dirs["clip"], pixel_shuffle=2))
+    assert (tower.tokens, tower.dim) == (4, 4 * 32)  # 4x4 patches -> 2x2 tokens of 4x the width
+    with pytest.raises(TunelabError, match="model.vision.pixel_shuffle: 17 tokens are not a square grid"):
+        load_tower(_vcfg(tower_dirs["clip"], pixel_shuffle=2, feature="all"))  # CLS + 16 patches
+    model, tokenizer = _vlm(tiny_dir, tower_dirs["clip"], pixel_shuffle=2)
+    assert model.projector.net[0].in_features == 128 and model.tokens_per_image == 4
+    ids, spans = model.encode_prompt(tokenizer, _conv(_png(tmp_path / "r.png", "red")))
+    assert ids.count(model.image_token_id) == 4 and len(spans) == 1
+    with torch.no_grad():
+        assert model(torch.tensor([ids]), **model.image_inputs([spans])).logits.shape[1] == len(ids)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"pixel_shuffle": 2, "pool": 2}, "model.vision.pixel_shuffle: 2 with pool 2: both reduce"),
+    ({"pixel_shuffle": 0}, "model.vision.pixel_shuffle: 0 must be an integer of at least 1"),
+    ({"pixel_shuffle": 2, "feature": "cls"}, "model.vision.pixel_shuffle: needs a patch grid"),
+])
+def test_pixel_shuffle_settings_are_one_line_errors(settings, message):
+    from tunelab.errors import TunelabError
+
+    with pytest.raises(TunelabError, match=message):
+        _vcfg("x", **settings)
+
+
 # --- data ----------------------------------------------------------------------------------
 
 def test_llama_factory_mllm_dataset_with_images_loads(tmp_path):
@@ -259,6 +310,25 @@ def test_align_then_instruct_freeze_what_they_should(tiny_dir, tower_dirs, shape
     assert all(torch.equal(v, _state(trained.projector)[k]) for k, v in _state(reloaded.projector).items())
 
 
+@pytest.mark.parametrize("stage", ["align", "instruct"])
+def test_trainable_line_prints_once_for_the_whole_composite(tiny_dir, tower_dirs, capsys, stage):
+    """The LoRA method's own line (the LLM alone) is not printed beside the composite's."""
+    from tunelab.config import load_config
+    from tunelab.train.methods import trainable_line
+    from tunelab.vision.train import apply_stage
+
+    model, _ = _vlm(tiny_dir, tower_dirs["clip"], stage=stage)
+    cfg = load_config(None, [f"model.name={tiny_dir}", f"model.vision.tower={tower_dirs['clip']}",
+                             f"model.vision.stage={stage}", "method.name=lora"])
+    capsys.readouterr()
+    apply_stage(model, cfg)
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("trainable params:")]
+    projector = sum(p.numel() for p in model.projector.parameters())
+    assert printed == [trainable_line(model)]
+    trainable = int(printed[0].split()[2].replace(",", ""))
+    assert trainable > projector if stage == "instruct" else trainable == projector  # LoRA + projector
+
+
 def test_stage_two_refuses_a_different_projector(tiny_dir, tower_dirs, shapes_data, tmp_path):
     from tunelab.errors import TunelabError
 
@@ -294,6 +364,29 @@ def test_save_load_generate_round_trip(tiny_dir, tower_dirs, shapes_data, tmp_pa
     logits = first(**inputs).logits[0]
     start = (batch["labels"][0] != -100).nonzero()[0].item() - 1
     assert tokenizer.decode([int(logits[start].argmax())], skip_special_tokens=True).strip() == text
+
+
+def test_pixel_shuffle_run_saves_loads_and_generates_the_same(tiny_dir, tower_dirs, shapes_data, tmp_path):
+    """vision.json carries pixel_shuffle, so the loaded run rebuilds the wider projector."""
+    import torch
+
+    from tunelab.generation import GenerationSettings
+    from tunelab.vision.chat import answer
+    from tunelab.vision.compose import load_vlm
+
+    grab = _grab()
+    run = _train(tmp_path, "ps", tiny_dir, tower_dirs["clip"], shapes_data, [grab],
+                 **{"model.vision.pixel_shuffle": 2, "train.max_steps": 2})
+    info = json.loads((run / "vision.json").read_text())
+    assert info["vision"]["pixel_shuffle"] == 2 and info["tokens_per_image"] == 4 and info["tower_dim"] == 128
+    trained, (loaded, tokenizer) = grab.model.eval(), load_vlm(run)
+    assert loaded.projector.net[0].in_features == 128 and loaded.tokens_per_image == 4
+    ids, spans = loaded.encode_prompt(tokenizer, _conv(shapes_data.parent / "img" / "red.png"))
+    with torch.no_grad():
+        ours, theirs = (m(torch.tensor([ids]), **m.image_inputs([spans])).logits for m in (trained, loaded))
+    assert torch.allclose(ours, theirs, atol=1e-6, rtol=0)
+    settings, prompt = GenerationSettings(max_new_tokens=6), _conv(shapes_data.parent / "img" / "red.png")
+    assert answer(trained, tokenizer, prompt, settings) == answer(loaded, tokenizer, prompt, settings)
 
 
 def test_text_loaders_refuse_a_vision_run(tiny_dir, tower_dirs, shapes_data, tmp_path):

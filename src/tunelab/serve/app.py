@@ -190,12 +190,27 @@ def _chat_prompt(state: _State, body: ChatRequest) -> tuple[list[int], list | No
 
 def _completion_prompts(state: _State, prompt: Any) -> list[list[int]]:
     if isinstance(prompt, str):
-        return [_encode(state, prompt, "prompt")]
-    if prompt and all(isinstance(p, int) for p in prompt):  # one prompt given as token ids
-        return [_check_ids(state, prompt)]
-    if not prompt:
+        prompts = [_encode(state, prompt, "prompt")]
+    elif prompt and all(isinstance(p, int) for p in prompt):  # one prompt given as token ids
+        prompts = [_check_ids(state, prompt)]
+    elif not prompt:
         raise APIError(400, "prompt must not be empty", param="prompt")
-    return [_encode(state, p, "prompt") if isinstance(p, str) else _check_ids(state, p) for p in prompt]
+    else:
+        prompts = [_encode(state, p, "prompt") if isinstance(p, str) else _check_ids(state, p) for p in prompt]
+    _refuse_image_tokens(state, prompts)
+    return prompts
+
+
+def _refuse_image_tokens(state: _State, prompts: list[list[int]]) -> None:
+    # Text completions carry no image, so a placeholder here would only fail later inside the
+    # batch (a 503 for what is the client's mistake).
+    image_id = getattr(state.served.model, "image_token_id", None)
+    if image_id is None or not any(image_id in ids for ids in prompts):
+        return
+    token = state.served.model.vision_cfg.image_token
+    raise APIError(400, f"prompt: holds the image placeholder {token}, but /v1/completions takes text only; "
+                        "send images to /v1/chat/completions as image_url content parts (data: URLs)",
+                   param="prompt")
 
 
 def _check_ids(state: _State, ids: list[int]) -> list[int]:

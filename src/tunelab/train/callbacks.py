@@ -115,22 +115,27 @@ class ProgressBar(TrainerCallback):
 
 
 class SaveOnInterrupt(TrainerCallback):
-    """First Ctrl-C: finish the current step, save a checkpoint, stop. Second: stop now."""
+    """First Ctrl-C or SIGTERM (what ``kill`` and job schedulers send): finish the current
+    step, save a checkpoint, stop. A second signal of the same kind acts as it normally would."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.interrupted = False
-        self._previous = None
+        self._previous: dict[int, object] = {}
 
     def _handler(self, signum, frame):
         self.interrupted = True
-        print("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to abort)", flush=True)
-        signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step "
+              "(send it again to abort)", flush=True)
+        fallback = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+        signal.signal(signum, self._previous.get(signum) or fallback)
 
     def on_train_begin(self, args, state, control, **kwargs):
         try:
-            self._previous = signal.signal(signal.SIGINT, self._handler)
-        except ValueError:  # not the main thread (e.g. a notebook worker): leave SIGINT alone
-            self._previous = None
+            self._previous = {sig: signal.signal(sig, self._handler) for sig in self.SIGNALS}
+        except ValueError:  # not the main thread (e.g. a notebook worker): leave signals alone
+            self._previous = {}
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.interrupted:
@@ -138,7 +143,6 @@ class SaveOnInterrupt(TrainerCallback):
             control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
-
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._previous = {}

@@ -30,7 +30,8 @@ from tunelab.vision.settings import VisionConfig
 from tunelab.vision.towers import load_tower
 
 VISION_FILE = "vision.json"
-STRUCTURE = ("tower", "layer", "feature", "multi_image", "projector", "projector_norm", "pool", "image_token")
+STRUCTURE = ("tower", "layer", "feature", "multi_image", "projector", "projector_norm", "pool", "pixel_shuffle",
+             "image_token")
 """Settings that fix the shapes of a trained projector: a later stage must keep them."""
 
 

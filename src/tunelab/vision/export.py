@@ -5,7 +5,8 @@ the image features written over placeholder tokens, which is what a composite is
 
 - the tower is a transformers vision model whose features are one layer's hidden states
   (CLIP, SigLIP, ViT...), not the packaged EfficientNet-Lite0, which has no transformers class;
-- ``projector: mlp2x_gelu`` without ``projector_norm``, ``pool: 1``, ``multi_image: concat``;
+- ``projector: mlp2x_gelu`` without ``projector_norm``, ``pool: 1``, ``pixel_shuffle: 1``,
+  ``multi_image: concat``;
 - ``feature: patch`` (a CLS token dropped: Llava's ``default``; no CLS: ``full``) or ``all`` (``full``).
 
 Such a run exports as a folder that ``LlavaForConditionalGeneration.from_pretrained(OUT)`` and
@@ -44,6 +45,8 @@ def llava_blockers(v) -> list[str]:
         problems.append("model.vision.projector_norm: true (Llava has no LayerNorm after the projector)")
     if v.pool != 1:
         problems.append(f"model.vision.pool: {v.pool} (Llava does not pool image tokens)")
+    if v.pixel_shuffle != 1:
+        problems.append(f"model.vision.pixel_shuffle: {v.pixel_shuffle} (Llava does not merge image tokens)")
     if v.multi_image != "concat":
         problems.append(f"model.vision.multi_image: {v.multi_image} (Llava gives every image its own span)")
     if v.feature not in ("patch", "all"):

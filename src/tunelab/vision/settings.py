@@ -35,6 +35,10 @@ class VisionConfig:
     """LayerNorm after the projector (R2GenGPT's linear + LayerNorm)."""
     pool: int = 1
     """Average-pool the patch grid by this stride before projecting (2: 7x7 -> 4x4 = 16 tokens)."""
+    pixel_shuffle: int = 1
+    """Space-to-depth of the patch grid by this factor before projecting (Idefics3/InternVL): each
+    N x N block of cells becomes one token of N*N times the channels, so nothing is averaged away
+    (2: 7x7, zero-padded to 8x8 -> 4x4 = 16 tokens of 4x the width). 1 = off; not with ``pool``."""
     image_token: str = "<image>"
     """Placeholder the data uses; added to the tokenizer as a special token when it is missing."""
     stage: str = "instruct"
@@ -59,8 +63,16 @@ class VisionConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise TunelabError(f"model.vision.{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
-        if self.pool < 1:
-            raise TunelabError(f"model.vision.pool: {self.pool} must be at least 1")
+        for name in ("pool", "pixel_shuffle"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise TunelabError(f"model.vision.{name}: {value!r} must be an integer of at least 1")
+        if self.pool > 1 and self.pixel_shuffle > 1:
+            raise TunelabError(f"model.vision.pixel_shuffle: {self.pixel_shuffle} with pool {self.pool}: both "
+                               "reduce the image tokens; set one of them to 1")
+        if self.pixel_shuffle > 1 and self.feature in ("cls", "pooled"):
+            raise TunelabError(f"model.vision.pixel_shuffle: needs a patch grid, but feature is {self.feature} "
+                               "(one token); use feature patch or all")
         if not self.image_token:
             raise TunelabError("model.vision.image_token: must not be empty")
 

@@ -10,7 +10,7 @@ Two kinds, picked by ``model.vision.tower``:
   ViT, Swin, ConvNeXt... For a dual-encoder checkpoint (CLIP/SigLIP with a text half) the
   vision half is used.
 
-Feature selection (``layer``, ``feature``, ``pool``) is the same for both: a 4-D map
+Feature selection (``layer``, ``feature``, ``pool``, ``pixel_shuffle``) is the same for both: a 4-D map
 ``(N, C, H, W)`` or a token sequence ``(N, L, D)`` becomes ``(N, T, D)``.
 """
 
@@ -83,14 +83,14 @@ def has_cls(length: int) -> bool:
 
 
 def select_features(hidden: torch.Tensor, cfg: VisionConfig) -> torch.Tensor:
-    """A feature map / token sequence / pooled vector -> ``(N, T, D)`` per ``feature`` and ``pool``."""
+    """A feature map / token sequence / pooled vector -> ``(N, T, D)`` per ``feature``, ``pool``
+    and ``pixel_shuffle``."""
     if hidden.dim() == 2:  # pooled (N, D)
         return hidden.unsqueeze(1)
     if hidden.dim() == 4:  # CNN map (N, C, H, W)
         if cfg.feature == "cls":
             raise TunelabError("model.vision.feature: cls: a convolutional tower has no CLS token; use patch")
-        grid = _pool(hidden, cfg.pool)
-        return grid.flatten(2).transpose(1, 2)
+        return _reduce(hidden, cfg).flatten(2).transpose(1, 2)
     if hidden.dim() != 3:
         raise TunelabError(f"model.vision.tower: unexpected feature shape {tuple(hidden.shape)}")
     cls = has_cls(hidden.shape[1])
@@ -100,13 +100,21 @@ def select_features(hidden: torch.Tensor, cfg: VisionConfig) -> torch.Tensor:
         return hidden[:, :1]
     if cfg.feature == "patch" and cls:
         hidden = hidden[:, 1:]
-    if cfg.pool == 1:
+    if cfg.pool == 1 and cfg.pixel_shuffle == 1:
         return hidden
     side = math.isqrt(hidden.shape[1])
     if side * side != hidden.shape[1]:
-        raise TunelabError(f"model.vision.pool: {hidden.shape[1]} tokens are not a square grid; use pool 1")
+        name = "pixel_shuffle" if cfg.pixel_shuffle > 1 else "pool"
+        raise TunelabError(f"model.vision.{name}: {hidden.shape[1]} tokens are not a square grid; use {name} 1")
     grid = hidden.transpose(1, 2).reshape(hidden.shape[0], hidden.shape[2], side, side)
-    return _pool(grid, cfg.pool).flatten(2).transpose(1, 2)
+    return _reduce(grid, cfg).flatten(2).transpose(1, 2)
+
+
+def _reduce(grid: torch.Tensor, cfg: VisionConfig) -> torch.Tensor:
+    # VisionConfig refuses pool and pixel_shuffle together, so at most one of them applies.
+    if cfg.pixel_shuffle > 1:
+        return space_to_depth(grid, cfg.pixel_shuffle)
+    return _pool(grid, cfg.pool)
 
 
 def _pool(grid: torch.Tensor, stride: int) -> torch.Tensor:
@@ -114,6 +122,21 @@ def _pool(grid: torch.Tensor, stride: int) -> torch.Tensor:
         return grid
     h, w = grid.shape[-2:]
     return F.adaptive_avg_pool2d(grid, (math.ceil(h / stride), math.ceil(w / stride)))
+
+
+def space_to_depth(grid: torch.Tensor, factor: int) -> torch.Tensor:
+    """``(N, C, H, W)`` -> ``(N, C * factor**2, ceil(H / factor), ceil(W / factor))``.
+
+    A grid that does not divide is zero-padded at the bottom and right first (7x7 by 2 -> 8x8),
+    so every real cell keeps its place. Output channel ``c * factor**2 + i * factor + j`` of a
+    cell is input channel ``c`` at row ``i``, column ``j`` of its block (torch's
+    ``pixel_unshuffle`` order).
+    """
+    h, w = grid.shape[-2:]
+    pad_h, pad_w = -h % factor, -w % factor
+    if pad_h or pad_w:
+        grid = F.pad(grid, (0, pad_w, 0, pad_h))
+    return F.pixel_unshuffle(grid, factor)
 
 
 def blank_image():

@@ -14,7 +14,9 @@ learning rate (``projector_lr``, ``tower_lr``; the LLM takes ``train.lr``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import math
 import os
 import time
@@ -55,7 +57,10 @@ def apply_stage(model, cfg: RunConfig) -> list:
             param.requires_grad_(False)
     else:
         method = get_method(cfg.method.name)
-        model.llm = method.prepare(model.llm, cfg.method)  # the LLM only: LoRA never lands on the tower
+        # The method prints its trainable line for the LLM alone; the composite's line below is
+        # the one that counts the projector and tower too, so the run shows only that one.
+        with contextlib.redirect_stdout(io.StringIO()):
+            model.llm = method.prepare(model.llm, cfg.method)  # the LLM only: LoRA never lands on the tower
         callbacks = list(method.callbacks(model.llm, cfg.method)) if method.callbacks else []
     for param in model.tower.parameters():
         param.requires_grad_(vcfg.train_tower)
