@@ -17,6 +17,7 @@ from tunelab.errors import TunelabError
 from tunelab.train import budget, train
 
 from test_train_engine import StopAt  # noqa: E402  (tests are on sys.path: pytest prepends their folder)
+from train_helpers import feedback_rows, pair_rows, records, run_stage, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -194,3 +195,30 @@ def test_resume_continues_the_planned_schedule(tiny_dir, data_file, tmp_path, cl
     assert dict(after)[9] == before[9]  # the warped schedule came back from checkpoint-8
     assert_warmup_then_decay([lr for _, lr in after])
     assert third.end_lr == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("stage", ["dpo", "kto"])
+def test_the_reference_precompute_is_measured_and_planned_for(tiny_dir, tmp_path, clock, monkeypatch, capsys,
+                                                              stage):
+    from tunelab.train import preference
+
+    compute, make = preference.precompute_reference, budget.from_config
+
+    def slow_reference(*args, **kwargs):  # 30 s on the budget's clock
+        clock.now += 30.0
+        return compute(*args, **kwargs)
+
+    made = []
+    monkeypatch.setattr(preference, "precompute_reference", slow_reference)
+    monkeypatch.setattr(budget, "from_config", lambda train_cfg: made.append(make(train_cfg)) or made[-1])
+    data = write_jsonl(tmp_path / "data.jsonl", pair_rows() if stage == "dpo" else feedback_rows())
+    out = run_stage(stage, tiny_dir, data, tmp_path / "run", "method.name=full", "train.max_steps=40",
+                    "train.max_time=45", callbacks=[Tick(clock, step=1.0, first=2.0)])
+    (plan,) = made
+    assert plan.before == {f"{stage} reference log-probs": 30.0} and plan.startup == 30.0
+    # planned before step 3: 30 s of reference and 3 s of steps spent, ~3 s for the final save -> 10 steps
+    assert plan.planned == 10 and [r["step"] for r in records(out) if "loss" in r] == list(range(1, 11))
+    line = (f"45s: 10 of 40 planned steps (measured 1 s/step, 30 s before the first step "
+            f"(30 s {stage} reference log-probs), 3 s reserved for eval and save)")
+    assert f"time budget {line}" in capsys.readouterr().out
+    assert f"| time budget | {line} |" in (out / "README.md").read_text(encoding="utf-8")

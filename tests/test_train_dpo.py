@@ -16,21 +16,15 @@ from tunelab.data.render import encode
 from tunelab.errors import TunelabError
 from tunelab.train import train
 from tunelab.train.preference import PairCollator, encode_pairs, preference_loss, sequence_logps
-from train_helpers import StopAt
+from train_helpers import WORDS, StopAt, hand_logp, pair_rows, perturbed, records, run_stage, unpadded_rows, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-WORDS = ["fever", "cough", "rest", "water", "patient", "发烧", "感冒", "headache"]
 
 
 @pytest.fixture(scope="module")
 def pairs_file(tmp_path_factory):
     """Prefer the upper-case answer to the lower-case one."""
-    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
-    rows = [{"instruction": f"Normalize: {w} {i}", "input": "", "chosen": f"{w.upper()} {i}", "rejected": f"{w} {i}!"}
-            for i, w in enumerate(WORDS * 2)]
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return path
+    return write_jsonl(tmp_path_factory.mktemp("pairs") / "pairs.jsonl", pair_rows())
 
 
 def test_ranking_shapes_give_the_same_conversations(tiny_tokenizer):
@@ -91,22 +85,9 @@ def _toy_batch(tokenizer):
     return PairCollator(tokenizer.pad_token_id)(examples)
 
 
-def _hand_logp(model, ids, labels):
-    """Sum over answer tokens of log softmax(logits)[next token], from the full logits."""
-    logits = model(input_ids=ids[None]).logits[0]
-    total = 0.0
-    for t in range(1, len(ids)):
-        if labels[t] != -100:
-            total = total + torch.log_softmax(logits[t - 1].float(), -1)[labels[t]]
-    return total
-
-
 def test_dpo_loss_and_gradients_match_a_hand_computation(tiny_llama, tiny_tokenizer):
     model = copy.deepcopy(tiny_llama).train()
-    reference = copy.deepcopy(tiny_llama)
-    with torch.no_grad():
-        for p in reference.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    reference = perturbed(tiny_llama)
     batch = _toy_batch(tiny_tokenizer)
     beta = 0.3
     n = {side: int((batch["labels"][i] != -100).sum()) for i, side in enumerate(("chosen", "rejected"))}
@@ -118,11 +99,10 @@ def test_dpo_loss_and_gradients_match_a_hand_computation(tiny_llama, tiny_tokeni
     loss.backward()
     ours = {k: p.grad.clone() for k, p in model.named_parameters()}
     model.zero_grad()
-    rows = [(batch["input_ids"][i][: n_real], batch["labels"][i][: n_real])
-            for i, n_real in enumerate(batch["attention_mask"].sum(1).tolist())]
-    pc, pr = (_hand_logp(model, *rows[0]), _hand_logp(model, *rows[1]))
+    rows = unpadded_rows(batch)
+    pc, pr = (hand_logp(model, *rows[0]), hand_logp(model, *rows[1]))
     with torch.no_grad():
-        rc, rr = _hand_logp(reference, *rows[0]), _hand_logp(reference, *rows[1])
+        rc, rr = hand_logp(reference, *rows[0]), hand_logp(reference, *rows[1])
     z = beta * ((pc - rc) - (pr - rr))
     hand = -torch.log(1 / (1 + torch.exp(-z)))
     hand.backward()
@@ -179,14 +159,7 @@ def test_reference_with_adapter_disabled_equals_the_base_model(tiny_llama, tiny_
 
 
 def run(model, data, out, *overrides, callbacks=None):
-    cfg = load_config(None, [f"model.name={model}", f"data.train=[{data}]", f"output_dir={out}", "train.stage=dpo",
-                             "train.bf16=false", "train.batch_size=4", "train.lr=1e-2", "data.group_by_length=false",
-                             *overrides])
-    return train(cfg, callbacks=callbacks)
-
-
-def records(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    return run_stage("dpo", model, data, out, *overrides, callbacks=callbacks)
 
 
 def test_dpo_lora_run_learns_the_preference(tiny_dir, pairs_file, tmp_path, capsys):
@@ -264,3 +237,12 @@ def test_reward_metrics_are_gathered_from_every_process(tmp_path):
     for rank in range(2):
         got = json.loads((tmp_path / f"{rank}.json").read_text(encoding="utf-8"))
         assert got == {"reward_accuracy": [0.0, 1.0, 1.0], "logp_chosen": [-1.0, -2.0]}
+
+
+def test_a_pairs_file_under_sft_names_the_dpo_stage(tmp_path, pairs_file):
+    from tunelab.data.registry import load_dataset
+
+    with pytest.raises(TunelabError) as info:
+        load_dataset(str(pairs_file))  # no registry entry saying ranking: true
+    assert str(info.value) == (f"{pairs_file}:1: chosen/rejected: a preference (ranking) dataset: "
+                               "train it with train.stage=dpo")

@@ -6,35 +6,25 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 
 import pytest
 import torch
 
-from tunelab.config import load_config
 from tunelab.data.feedback import load_feedback, to_feedback
 from tunelab.errors import TunelabError
-from tunelab.train import train
 from tunelab.train.collate import IGNORE
 from tunelab.train.kto import FeedbackCollator, attach_kl_rows, encode_feedback, kto_loss
 from tunelab.train.preference import sequence_logps
+from train_helpers import WORDS, feedback_rows, hand_logp, perturbed, records, run_stage, unpadded_rows, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-WORDS = ["fever", "cough", "rest", "water", "patient", "发烧", "感冒", "headache"]
 
 
 @pytest.fixture(scope="module")
 def feedback_file(tmp_path_factory):
     """Upper-case answers are desirable, lower-case ones with a '!' are not (unpaired rows)."""
-    path = tmp_path_factory.mktemp("kto") / "feedback.jsonl"
-    rows = []
-    for i, w in enumerate(WORDS * 2):
-        good = i % 2 == 0
-        rows.append({"messages": [{"role": "user", "content": f"Normalize: {w} {i}"},
-                                  {"role": "assistant", "content": f"{w.upper()} {i}" if good else f"{w} {i}!"}],
-                     "label": good})
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return path
+    return write_jsonl(tmp_path_factory.mktemp("kto") / "feedback.jsonl", feedback_rows())
 
 
 def test_feedback_shapes(tmp_path):
@@ -90,21 +80,9 @@ def test_kl_rows_pair_a_prompt_with_another_prompts_answer(tiny_tokenizer):
         assert row["kl_labels"][:start] == [IGNORE] * start and row["kl_labels"][start:] == answers[tail]
 
 
-def _hand_logp(model, ids, labels):
-    logits = model(input_ids=ids[None]).logits[0]
-    total = 0.0
-    for t in range(1, len(ids)):
-        if labels[t] != IGNORE:
-            total = total + torch.log_softmax(logits[t - 1].float(), -1)[labels[t]]
-    return total
-
-
 def test_kto_loss_and_gradients_match_a_hand_computation(tiny_llama, tiny_tokenizer):
     model = copy.deepcopy(tiny_llama).train()
-    reference = copy.deepcopy(tiny_llama)
-    with torch.no_grad():
-        for p in reference.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    reference = perturbed(tiny_llama)
     rows = [{"instruction": "The patient has a fever?", "output": "Rest and water.", "label": True},
             {"instruction": "Cough?", "output": "Cough!", "label": False},
             {"instruction": "发烧怎么办?", "output": "多喝水。", "label": True}]
@@ -120,14 +98,13 @@ def test_kto_loss_and_gradients_match_a_hand_computation(tiny_llama, tiny_tokeni
     loss.backward()
     ours = {k: p.grad.clone() for k, p in model.named_parameters()}
     model.zero_grad()
-    real = [(batch["input_ids"][i][:m], batch["labels"][i][:m])
-            for i, m in enumerate(batch["attention_mask"].sum(1).tolist())]
+    real = unpadded_rows(batch)
     with torch.no_grad():
-        refs = [_hand_logp(reference, *r) for r in real]
-        z = max(0.0, sum(float(_hand_logp(model, *real[n + i]) - refs[n + i]) for i in range(n)) / n)
+        refs = [hand_logp(reference, *r) for r in real]
+        z = max(0.0, sum(float(hand_logp(model, *real[n + i]) - refs[n + i]) for i in range(n)) / n)
     total = 0.0
     for i, good in enumerate(batch["desirable"].tolist()):
-        r = _hand_logp(model, *real[i]) - refs[i]
+        r = hand_logp(model, *real[i]) - refs[i]
         total = total + (wd * (1 - torch.sigmoid(beta * (r - z))) if good else wu * (1 - torch.sigmoid(beta * (z - r))))
     hand = total / n
     hand.backward()
@@ -154,14 +131,7 @@ def test_kto_gradient_in_closed_form():
 
 
 def run(model, data, out, *overrides):
-    cfg = load_config(None, [f"model.name={model}", f"data.train=[{data}]", f"output_dir={out}", "train.stage=kto",
-                             "train.bf16=false", "train.batch_size=4", "train.lr=1e-2", "data.group_by_length=false",
-                             *overrides])
-    return train(cfg)
-
-
-def records(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    return run_stage("kto", model, data, out, *overrides)
 
 
 def test_kto_lora_run_learns_the_feedback(tiny_dir, feedback_file, tmp_path, capsys):
@@ -201,3 +171,35 @@ def test_kto_bad_settings_write_nothing(tiny_dir, feedback_file, tmp_path):
     with pytest.raises(TunelabError, match=r"train.kto_chosen_weight: 0(\.0)? must be > 0"):
         run(tiny_dir, feedback_file, tmp_path / "out", "train.kto_chosen_weight=0")
     assert not (tmp_path / "out").exists()
+
+
+def test_kto_data_under_sft_is_one_line_before_any_model_loads(tiny_dir, feedback_file, tmp_path, monkeypatch):
+    import tunelab.models
+    from tunelab.data.registry import load_dataset
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(tunelab.models, "load_model", no_model)
+    with pytest.raises(TunelabError) as info:
+        run_stage("sft", tiny_dir, feedback_file, tmp_path / "out")
+    assert str(info.value) == (f"{feedback_file}:1: label: a desirable/undesirable tag (KTO feedback): train it "
+                               "with train.stage=kto (or drop the column to train on every answer)")
+    assert not (tmp_path / "out").exists()
+    # every tagged shape the kto reader takes, and a registry entry that names its tag column
+    shapes = {"lf.jsonl": ('{"instruction": "Q", "output": "A", "kto_tag": "no"}\n', "1: kto_tag"),
+              "trl.jsonl": ('{"prompt": "Q", "completion": "A", "label": "false"}\n', "1: label"),
+              "sheet.csv": ("instruction,output,label\nQ,A,1\n", "2: label")}  # the header is row 1
+    for name, (text, line_field) in shapes.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        with pytest.raises(TunelabError, match=rf"^{re.escape(str(tmp_path / name))}:{line_field}: a desirable/"
+                                               r"undesirable tag \(KTO feedback\): train it with train.stage=kto"):
+            load_dataset(str(tmp_path / name))
+    (tmp_path / "dataset_info.json").write_text(json.dumps(
+        {"fb": {"file_name": "lf.jsonl", "columns": {"kto_tag": "good"}}}), encoding="utf-8")
+    with pytest.raises(TunelabError, match=r"^fb: columns.kto_tag: .*train.stage=kto"):
+        load_dataset("fb", tmp_path)
+    # a class label is not a desirable/undesirable tag: still SFT data
+    (tmp_path / "classes.jsonl").write_text('{"instruction": "Q", "output": "A", "label": "positive"}\n',
+                                            encoding="utf-8")
+    assert [m.text for m in load_dataset(str(tmp_path / "classes.jsonl"))[0].messages] == ["Q", "A"]

@@ -23,8 +23,8 @@ from typing import Callable, Iterable
 
 from tunelab.data.conversation import Conversation
 from tunelab.data.formats import FORMATS, read_conversations
-from tunelab.data.readers import SUFFIXES
-from tunelab.errors import TunelabError
+from tunelab.data.readers import SUFFIXES, iter_rows
+from tunelab.errors import TunelabError, where
 
 INFO_FILE = "dataset_info.json"
 _REMOTE_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
@@ -134,8 +134,7 @@ def load_dataset(
     rows keep file order. ``on_error`` collects every problem instead of raising the first.
     """
     entry = resolve(spec, dataset_dir)
-    if entry.ranking:
-        raise TunelabError(f"{spec}: a preference (ranking) dataset: train it with train.stage=dpo")
+    refuse_other_stages(entry, spec)
     conversations: list[Conversation] = []
     for path in entry.files:
         conversations.extend(read_conversations(path, entry.formatting, entry.columns or None,
@@ -143,6 +142,40 @@ def load_dataset(
     for conv in conversations:
         conv.meta.setdefault("dataset", entry.name)
     return take_samples(conversations, spec, max_samples, entry.num_samples, seed)
+
+
+def refuse_other_stages(entry: DatasetEntry, spec: str) -> None:
+    """Preference pairs and KTO feedback are not SFT data: one line naming the stage to use.
+
+    A file is judged by its first row: the kto reader needs a tag on every row that is not
+    a pair, so a file it accepts shows what it is there; later rows are not read twice.
+    """
+    dpo = "a preference (ranking) dataset: train it with train.stage=dpo"
+    kto = "a desirable/undesirable tag (KTO feedback): train it with train.stage=kto"
+    if entry.ranking:
+        raise TunelabError(f"{spec}: {dpo}")
+    if entry.columns.get("kto_tag"):
+        raise TunelabError(f"{spec}: columns.kto_tag: {kto}")
+    chosen, rejected = entry.columns.get("chosen", "chosen"), entry.columns.get("rejected", "rejected")
+    for path in entry.files:
+        number, row = next(iter_rows(path, entry.sheet, on_error=lambda problem: None), (None, {}))
+        if chosen in row and rejected in row:
+            raise TunelabError(f"{where(path, number)}: {chosen}/{rejected}: {dpo}")
+        column = _kto_tag(row)
+        if column:
+            raise TunelabError(f"{where(path, number, column)}: {kto} (or drop the column to train on every answer)")
+
+
+def _kto_tag(row: dict) -> str | None:
+    """The column the kto reader would take as this row's tag, or None."""
+    from tunelab.data.feedback import _tag
+
+    if "kto_tag" in row:
+        return "kto_tag"
+    try:
+        return _tag(row, {}, "")[0]
+    except TunelabError:  # no tag column, or a class label such as "positive": not KTO data
+        return None
 
 
 def take_samples(items: list, spec: str, max_samples: int | None, num_samples: int | None, seed: int) -> list:

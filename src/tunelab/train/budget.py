@@ -5,7 +5,12 @@ pays for allocation and warm-up), every evaluation and every checkpoint, and aft
 4 and then every 8 measured steps re-plans the number of optimizer steps T: the largest
 T, at most what epochs/max_steps give, for which
 
-    elapsed + (T - done) × s/step + evals and checkpoints still to come + final save <= budget.
+    startup + training so far + (T - done) × s/step + evals and checkpoints still to come
+    + final save <= budget.
+
+Startup is measured at the first step: reading the data, loading the model and, for the
+dpo and kto stages, the reference log-probs computed once before training (the stage
+reports how long that took, so the time-budget line names it).
 
 The learning-rate schedule is time-warped rather than rebuilt: scheduler step x maps to a
 position u(x) on the configured schedule, linear from the current point (x0, u0) to
@@ -111,13 +116,21 @@ class TimeBudget(TrainerCallback, ExportableState):
         self.saves: list[float] = []
         self.step_seconds: float | None = None
         self.reserved = 0.0  # eval and save seconds over the run, at the latest plan
+        self.startup = 0.0  # seconds from the clock's start to the first step, measured there
+        self.before: dict[str, float] = {}  # named, measured parts of the startup (see ``record``)
         self.short = False
         self._measured = 0
         self._planned_at = 0
         self._mark: float | None = None
+        self._train_began = self.began
         self._first_done = False
         self._scheduler = None
         self._originals: list = []
+
+    def record(self, seconds: dict[str, float]) -> None:
+        """Note named work done before training, timed on ``clock`` (the dpo reference log-probs):
+        it is part of the measured startup, and the time-budget line says how much it took."""
+        self.before.update(seconds)
 
     def state(self) -> dict:
         return {"args": {"seconds": self.seconds, "text": self.text}, "attributes": {"anchor": self.anchor}}
@@ -170,7 +183,7 @@ class TimeBudget(TrainerCallback, ExportableState):
             return (events(done, total, self.eval_every) * per_eval
                     + events(done, total, self.save_every) * per_save + self.final_save)
 
-        left = self.seconds - (self.clock() - self.began)
+        left = self.seconds - self.startup - (self.clock() - self._train_began)
         fit = fit_steps(done, self.configured, left, step, cost)
         floor = max(done + 1, min(self.configured, MIN_STEPS))
         total = max(fit, floor)
@@ -185,6 +198,8 @@ class TimeBudget(TrainerCallback, ExportableState):
 
     def on_train_begin(self, args, state, control, model=None, lr_scheduler=None, train_dataloader=None,
                        **kwargs):
+        self._train_began = self.clock()
+        self.startup = self._train_began - self.began
         self.configured = self.planned = state.max_steps
         self._costs(args, state, model, train_dataloader)
         self._scheduler = _lambda_scheduler(lr_scheduler)
@@ -197,7 +212,7 @@ class TimeBudget(TrainerCallback, ExportableState):
             self.anchor = [saved[0], saved[1], end]
             self._install()
             state.max_steps = self.planned = end
-        self._mark = self.clock()
+        self._mark = self._train_began
 
     def on_step_begin(self, args, state, control, **kwargs):
         n = self._measured
@@ -235,7 +250,8 @@ class TimeBudget(TrainerCallback, ExportableState):
         head = f"time budget {self.text}"
         if self.step_seconds is None:
             return f"{head}: {self.planned} of {self.configured} planned steps (too few to measure)"
-        why = f"measured {self.step_seconds:.3g} s/step, {self.reserved:.0f} s reserved for eval and save"
+        why = (f"measured {self.step_seconds:.3g} s/step, {self._startup_text()}"
+               f"{self.reserved:.0f} s reserved for eval and save")
         if self.short and self.planned <= MIN_STEPS:
             return f"{head}: too short, ran the minimum {self.planned} of {self.configured} planned steps ({why})"
         if self.short:
@@ -243,6 +259,13 @@ class TimeBudget(TrainerCallback, ExportableState):
         if self.planned < self.configured:
             return f"{head}: {self.planned} of {self.configured} planned steps ({why})"
         return f"{head}: all {self.configured} planned steps fit ({why})"
+
+    def _startup_text(self) -> str:
+        """``"12 s before the first step (10 s dpo reference log-probs), "``; empty when nothing to say."""
+        if round(self.startup) < 1 and not self.before:
+            return ""
+        parts = ", ".join(f"{seconds:.0f} s {name}" for name, seconds in self.before.items())
+        return f"{self.startup:.0f} s before the first step" + (f" ({parts})" if parts else "") + ", "
 
 
 def from_config(train_cfg) -> TimeBudget | None:

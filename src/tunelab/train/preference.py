@@ -25,7 +25,6 @@ before training (``train.pref_reference``).
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -279,18 +278,23 @@ def precompute_reference(trainer: PreferenceTrainer, dataset, batch_size: int):
     return dataset.add_column(first, chosen).add_column(second, rejected)
 
 
-def setup(trainer: PreferenceTrainer, cfg: RunConfig, from_adapter: bool, say=print) -> None:
-    """Decide the reference and, where needed, compute its log-probabilities once."""
+def setup(trainer: PreferenceTrainer, cfg: RunConfig, from_adapter: bool, say=print) -> dict[str, float]:
+    """Decide the reference and, where needed, compute its log-probabilities once; returns the
+    seconds that took, for ``train.max_time`` (timed on its clock)."""
+    from tunelab.train import budget
+
     mode = reference_mode(cfg, trainer.accelerator.unwrap_model(trainer.model), from_adapter)
     trainer.reference = mode
     if mode == "precompute":
-        started = time.monotonic()
+        started = budget.clock()
         trainer.train_dataset = precompute_reference(trainer, trainer.train_dataset, cfg.train.batch_size)
         if trainer.eval_dataset is not None:
             trainer.eval_dataset = precompute_reference(trainer, trainer.eval_dataset, cfg.train.batch_size)
-        say(f"{cfg.train.stage} reference: the starting model's log-probs, computed once "
-            f"({time.monotonic() - started:.1f} s)")
-    elif mode == "adapter":
+        seconds = budget.clock() - started
+        say(f"{cfg.train.stage} reference: the starting model's log-probs, computed once ({seconds:.1f} s)")
+        return {f"{cfg.train.stage} reference log-probs": seconds}
+    if mode == "adapter":
         say(f"{cfg.train.stage} reference: the policy with its adapter disabled (no second copy)")
     else:
         say(f"{cfg.train.pref_loss}: reference-free objective")
+    return {}

@@ -236,7 +236,9 @@ def train(cfg: RunConfig, callbacks: list | None = None) -> Path:
     trainer, metrics, interrupt = _build_trainer(
         cfg, stage, model, tokenizer, args, train_ds, eval_ds, out, checkpoint, callbacks)
     if stage.setup:
-        stage.setup(trainer, cfg, from_adapter, _say)  # e.g. the DPO reference
+        spent = stage.setup(trainer, cfg, from_adapter, _say)  # e.g. the DPO reference
+        if budget is not None:
+            budget.record(spent or {})
     if method.optimizer:
         trainer.optimizer = method.optimizer(model, cfg.method, args)  # None: Trainer's own AdamW
     if checkpoint:

@@ -38,8 +38,10 @@ class Stage:
     """(cfg, model, tokenizer, args, train_ds, eval_ds) -> a transformers Trainer."""
     check: Callable[[RunConfig], None] | None = None
     """Before any load: refuse settings the stage cannot train (one line)."""
-    setup: Callable[..., None] | None = None
-    """(trainer, cfg, from_adapter, say) after the trainer is built, before training."""
+    setup: Callable[..., dict[str, float]] | None = None
+    """(trainer, cfg, from_adapter, say) after the trainer is built, before training; returns the
+    seconds of any slow work it did, by name, timed on ``tunelab.train.budget.clock`` (the time
+    budget counts them and says so)."""
 
 
 def _sft_examples(cfg: RunConfig, tokenizer):

@@ -7,7 +7,7 @@ placeholder token), ``metrics.jsonl`` and README::
     vision/projector.safetensors  always
     vision/tower.safetensors      when the tower trained (else the tower spec is reloaded)
     adapter_config.json + adapter_model.safetensors   LoRA-family adapter of the LLM, or
-    llm/                          the whole LLM (methods full/freeze)
+    llm/                          the whole LLM and the tokenizer (methods full/freeze)
 
 ``vision.json`` names the *base* LLM, never the run a stage started from, so a stage-2 run
 loads without its stage-1 folder.
@@ -149,6 +149,7 @@ def save_vlm(model: VisionLanguageModel, tokenizer, out: Path, started_from: str
         llm.save_pretrained(str(out))
     elif any(p.requires_grad for p in llm.parameters()):
         llm.save_pretrained(str(out / "llm"))
+        tokenizer.save_pretrained(str(out / "llm"))  # a model folder of its own: load_vlm loads it as one
         llm_weights = "llm"
     tokenizer.save_pretrained(str(out))
     info = {"format": 1, "llm": str(getattr(model, "base_llm", "")), "llm_weights": llm_weights,
