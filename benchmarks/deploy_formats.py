@@ -29,7 +29,8 @@ process of its own, one thread, one after the other, while this script waits:
   ``em`` metric on the demo's held-out test split (``RUN/data``, ``icd10cm-norm_test``; ``--em-rows N``
   takes the first N), greedy, up to 32 new tokens as the demo evaluates. HF rows use tunelab's
   ``generate`` (batches of 16, as the demo); GGUF rows use llama.cpp's greedy decoding (batch 1) of the
-  prompt rendered with the chat template the GGUF carries, tokenized by llama.cpp.
+  prompt rendered with the chat template the GGUF carries, tokenized by llama.cpp. Beside it: how many
+  answers equal fp32's, and a note of how many probes and EM prompts llama.cpp tokenizes differently.
 """
 
 from __future__ import annotations
@@ -266,6 +267,7 @@ def bench_model(spec: str, args, work: Path, bf16: tuple[bool, str]) -> dict:
         sizes[name] = path.stat().st_size
         log(f"{name} done ({time.perf_counter() - started:.0f} s)")
     rows = [summarise(name, r, ref, sizes[name], stops, em_refs) for name, r in raw.items()]
+    notes.append(tokenizer_note(rows, len(ref["prompts"]), len(em_prompts)))
     return {"model": spec, "rows": rows, "notes": notes, "text": text_meta, "targets": targets(rows),
             "em_rows": len(em_prompts), "em_total": em_total, "seconds": round(time.perf_counter() - started)}
 
@@ -310,6 +312,8 @@ def torchao_row(job: dict, folder: Path, work: Path, raw: dict, sizes: dict, not
     torchao's int8 tensors ("invalid python storage") and a ``torch.save``d state dict reloads only onto a
     meta-device model whose rotary buffers must be rebuilt by hand, so no saved copy is reloaded; the size
     is that ``torch.save`` of the quantized state dict."""
+    from importlib.metadata import version
+
     name = "torchao int8 weight-only (transformers)"
     if importlib.util.find_spec("torchao") is None:
         notes.append("torchao int8 not run: torchao is not installed (.venv/bin/pip install torchao --no-deps)")
@@ -320,7 +324,8 @@ def torchao_row(job: dict, folder: Path, work: Path, raw: dict, sizes: dict, not
         notes.append(f"torchao int8 not run: {result['error']}")
         return
     raw[name], sizes[name] = result, result["bytes"]
-    notes.append("torchao int8 is quantized as the fp32 weights load (its peak RAM includes that load); "
+    notes.append(f"torchao {version('torchao')} int8 is quantized as the fp32 weights load "
+                 "(its peak RAM includes that load); "
                  "size on disk: torch.save of the quantized state dict")
 
 
@@ -345,11 +350,24 @@ def summarise(name: str, r: dict, ref: dict, size: int | None, stops: list[int],
     row["text_top1"] = round(sum(same) / len(same), 4)
     if em_refs:
         row["em"] = score(r["em_predictions"], em_refs, ["em"])["em"]
+        row["em_same"] = sum(a == b for a, b in zip(r["em_predictions"], ref["em_predictions"]))
         row["em_seconds"] = round(r["em_seconds"], 1)
     for key in ("tokenizer_mismatch", "em_prompt_mismatch"):
         if key in r:
             row[key] = r[key]
     return row
+
+
+def tokenizer_note(rows: list[dict], probes: int, em_prompts: int) -> str:
+    """Whether llama.cpp's tokens equal transformers' (if not, the GGUF rows were fed other inputs)."""
+    what = f"the {probes} probes"
+    if em_prompts:
+        what += f" and the {em_prompts} EM prompts (the GGUF's chat template)"
+    off = [f"{r['format'].split()[1]} {r['tokenizer_mismatch']} probes, {r.get('em_prompt_mismatch', 0)} EM prompts"
+           for r in rows if r.get("tokenizer_mismatch") or r.get("em_prompt_mismatch")]
+    if not off:
+        return f"llama.cpp tokenizes {what} as transformers does, in every GGUF row"
+    return f"llama.cpp tokenizes {what} DIFFERENTLY from transformers: " + "; ".join(off)
 
 
 def targets(rows: list[dict]) -> list[dict]:
@@ -364,13 +382,13 @@ def targets(rows: list[dict]) -> list[dict]:
                     "met": same == total})
     if q8 is None:
         return out
-    ppl_pct = 100 * (q8["perplexity"] / fp32["perplexity"] - 1)
+    ppl_pct = round(100 * (q8["perplexity"] / fp32["perplexity"] - 1), 6)  # 1.5 exactly is met, not 1.50...01
     out += [{"target": "q8_0 top-1 agreement >= 92%", "value": f"{100 * q8['top1']:.1f}%",
              "met": q8["top1"] >= TARGETS["top1"]},
             {"target": "q8_0 perplexity within +1.5% of fp32", "value": f"{ppl_pct:+.2f}%",
              "met": ppl_pct <= TARGETS["ppl_pct"]}]
     if "em" in q8:
-        points = 100 * (q8["em"] - fp32["em"])
+        points = round(100 * (q8["em"] - fp32["em"]), 6)
         out.append({"target": "q8_0 demo EM within 2 points of fp32", "value": f"{points:+.1f} points",
                     "met": abs(points) <= TARGETS["em_points"]})
     return out
@@ -384,14 +402,15 @@ def print_model(result: dict) -> None:
     print(f"Perplexity text: {text['source']}, {text['tokens']} tokens in windows of {text['window']} "
           f"({text['scored']} scored), token ids sha256 {text['ids_sha256']}. {result['seconds']} s in all.\n")
     print("| format | size on disk (MB) | peak RAM (MB) | decode tok/s | top-1 agreement | identical answers "
-          "| perplexity (vs fp32) | text top-1 |" + (" demo EM (vs fp32) |" if em else ""))
+          "| perplexity (vs fp32) | text top-1 |" + (" demo EM (vs fp32; answers as fp32's) |" if em else ""))
     print("|---|---|---|---|---|---|---|---|" + ("---|" if em else ""))
     for r in result["rows"]:
         ppl = f"{r['perplexity']:.3f} ({100 * (r['perplexity'] / fp32['perplexity'] - 1):+.2f}%)"
         cells = [r["format"], f"{r['bytes'] / 1e6:.0f}", str(r["peak_rss_mb"]), str(r["decode_tok_s"]),
                  f"{100 * r['top1']:.1f}%", r["identical"], ppl, f"{100 * r['text_top1']:.1f}%"]
         if em:
-            cells.append(f"{100 * r['em']:.1f}% ({100 * (r['em'] - fp32['em']):+.1f})")
+            cells.append(f"{100 * r['em']:.1f}% ({100 * (r['em'] - fp32['em']):+.1f}; "
+                         f"{r['em_same']}/{result['em_rows']})")
         print("| " + " | ".join(cells) + " |")
     print()
     for t in result["targets"]:
@@ -452,9 +471,24 @@ def run_all(args) -> int:
     for result in results:
         print_model(result)
     if args.json:
-        payload = {"cpu": probe.to_dict(), "cpu_kind": cpu_kind(probe), "settings": vars(args), "models": results}
+        payload = {"cpu": probe.to_dict(), "cpu_kind": cpu_kind(probe), "settings": vars(args),
+                   "versions": versions(), "models": results}
         Path(args.json).write_text(json.dumps(payload, indent=2), encoding="utf-8")
     return 0
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from tunelab.export import llamacpp
+
+    out = {"node-llama-cpp": llamacpp.VERSION}
+    for package in ("torch", "transformers", "torchao", "gguf"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = None
+    return out
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ that ``benchmarks/run.py`` runs every part and prints the promised JSON last lin
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -20,6 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from common import _batch_counts  # noqa: E402
+from deploy_formats import score_windows, targets  # noqa: E402
+from deploy_formats import summarise as deploy_summarise  # noqa: E402
 from mfu import step_flops, utilisation  # noqa: E402
 from plain_recipe import preprocess_example  # noqa: E402
 from train_throughput import plan, summarise  # noqa: E402
@@ -47,6 +50,32 @@ def test_batch_counts_packed_rows_use_the_collator_count():
     real, supervised, pairs = _batch_counts(batch)
     assert (real, supervised) == (5, 3)
     assert pairs == 6 + 3 + 1  # segments of 3, 2 and the padding's 1
+
+
+def test_deploy_perplexity_is_exp_of_the_token_weighted_nll(tiny_llama, tiny_tokenizer):
+    """score_windows' log-probabilities, summed as summarise does, give transformers' own loss: the
+    perplexity is exp of the mean NLL over every scored token of every window (uneven windows weigh
+    by their tokens, not as a mean of window perplexities)."""
+    text = "The patient has a fever and a cough since Monday. Normalise: acute appendicitis NOS. " * 3
+    ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+    windows = [ids[:24], ids[24:31]]
+    scored = score_windows(tiny_llama, windows)
+    with torch.inference_mode():
+        losses = [float(tiny_llama(input_ids=torch.tensor([w]), labels=torch.tensor([w])).loss) for w in windows]
+    nll = sum(loss * (len(w) - 1) for loss, w in zip(losses, windows)) / sum(len(w) - 1 for w in windows)
+    fp32 = {"rss_mb": 1.0, "decode_tok_s": 1.0, "prompts": [[1]], "answers": [[1]], "score": scored}
+    row = deploy_summarise("HF fp32", fp32, fp32, 0, [], [])
+    assert row["perplexity"] == pytest.approx(math.exp(nll), rel=1e-5)
+    assert row["text_top1"] == 1.0 and [len(w["logprobs"]) for w in scored] == [23, 6]
+
+
+def test_deploy_targets_are_the_issues_thresholds_against_fp32():
+    fp32 = {"format": "HF fp32", "perplexity": 10.0, "top1": 1.0, "em": 0.50}
+    q8 = {"format": "GGUF q8_0 (llama.cpp)", "perplexity": 10.15, "top1": 0.92, "em": 0.48}  # on each limit
+    f16 = {"format": "GGUF f16 (llama.cpp)", "identical": "5/6"}
+    assert [t["met"] for t in targets([fp32, f16, q8])] == [False, True, True, True]
+    worse = {**q8, "perplexity": 10.16, "top1": 0.919, "em": 0.47}  # +1.6%, 91.9%, -3 points
+    assert [t["met"] for t in targets([fp32, worse])] == [False, False, False]
 
 
 def test_lora_flops_skip_frozen_weight_gradients_and_full_does_not():
