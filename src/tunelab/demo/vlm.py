@@ -61,8 +61,11 @@ class VlmPlan:
     text_epochs: float = 3.0
     max_steps: int = -1
     """Per training run (-1: from the epochs); the budget may plan fewer."""
+    layer: int = -1
+    """EfficientNet-Lite0's head (1280 channels, 7x7); docs/vision.md says why an earlier block
+    (e.g. 8: 80 channels, 14x14, with pool 4) keeps colour the head drops."""
     pool: int = 2
-    """EfficientNet's 7x7 grid pooled to 4x4 = 16 tokens per image."""
+    """The head's 7x7 grid pooled to 4x4 = 16 tokens per image."""
     batch_size: int = 8
     lr: float = 2e-3
     """LoRA learning rate (instruct and the text-only baseline alike)."""
@@ -133,7 +136,8 @@ def stage_config(out: Path, plan: VlmPlan, model: str, tower: str | None, data: 
         "train": train,
     }
     if stage == "align":
-        values["model"]["vision"] = {"tower": tower, "pool": plan.pool, "projector": "mlp2x_gelu", "stage": "align"}
+        values["model"]["vision"] = {"tower": tower, "layer": plan.layer, "pool": plan.pool, "projector": "mlp2x_gelu",
+                                     "stage": "align"}
         train["lr"] = plan.projector_lr
     elif stage == "instruct":
         values["model"]["vision"] = {"stage": "instruct", "projector_lr": plan.projector_lr}
@@ -191,7 +195,7 @@ def evaluate_untrained(model_spec: str, tower: str, plan: VlmPlan, seed: int, co
     from tunelab.vision.compose import new_vlm
     from tunelab.vision.settings import VisionConfig
 
-    vision = VisionConfig(tower=tower, pool=plan.pool, projector="mlp2x_gelu")
+    vision = VisionConfig(tower=tower, layer=plan.layer, pool=plan.pool, projector="mlp2x_gelu")
     model, tokenizer = new_vlm(ModelConfig(name=model_spec, vision=vision), for_training=False, seed=seed)
     result = score_model(model.eval(), tokenizer, convs, kinds)
     del model

