@@ -4,13 +4,16 @@
         [--calibrate]
 
 Each point runs two optimizer steps of the real model (``tunelab.export.estimate_probe``: load,
-prepare the method, train mode, AdamW) in a fresh process and reads its peak RSS; the
-estimate is made from the config alone. ``fit`` points are the ones ``HEAP_FACTOR`` in
-``tunelab/export/estimate.py`` was chosen on; ``validate`` points were never used to choose
+prepare the method, train mode, AdamW, the graph freed before the optimizer step as the trainer
+does) in a fresh process and reads its peak RSS (``VmHWM``); the estimate is made from the config
+alone. ``fit`` points are the ones ``HEAP_FACTOR`` in ``tunelab/export/estimate.py`` was read on
+(glibc's heap over its live bytes, not the peak); ``validate`` points were never used to choose
 anything. ``qwen2-mini`` is a small randomly initialised Qwen2-style model (biases on q/k/v,
 no tied head) saved with SmolLM2's tokenizer: another architecture than the one fitted on.
-``--calibrate`` also fits ``--calibrate``'s three probes on SmolLM2 LoRA and predicts the
-LoRA points from them. Keep the points small: this machine is shared.
+``--calibrate`` also runs ``tunelab estimate --calibrate``'s three probes for each (model, method,
+checkpointing) among the points and predicts those points from them. With ``--only``, ``--save``
+replaces those points in an existing file and keeps the others (runs stay under ten minutes each).
+Keep the points small: this machine is shared.
 """
 
 from __future__ import annotations
@@ -35,6 +38,11 @@ POINTS = [
     ("lora-gc-4x256", BUILTIN, "lora", 4, 256, True, "validate"),
     ("mini-lora-4x256", MINI, "lora", 4, 256, False, "validate"),
     ("mini-full-4x128", MINI, "full", 4, 128, False, "validate"),
+    ("lora-2x128", BUILTIN, "lora", 2, 128, False, "validate"),  # the slow test's live point
+    ("lora-gc-8x128", BUILTIN, "lora", 8, 128, True, "validate"),
+    ("lora-gc-1x512", BUILTIN, "lora", 1, 512, True, "validate"),
+    ("full-gc-2x128", BUILTIN, "full", 2, 128, True, "validate"),
+    ("mini-lora-gc-4x256", MINI, "lora", 4, 256, True, "validate"),
 ]
 
 
@@ -94,45 +102,99 @@ def main() -> int:
                      "estimate": predicted.to_dict(), "error": round(error, 4)})
         print(f"| {name} | {role} | {measured['peak_bytes'] / 1e9:.2f} | {predicted.total / 1e9:.2f} | "
               f"{100 * error:+.0f}% | {measured['seconds_per_step']:.1f} |", flush=True)
-    calibration = None
-    if args.calibrate:
-        calibration = est.calibrate(BUILTIN, "lora")
-        shape = est.model_shape(est.load_config(BUILTIN))
-        for row in rows:
-            if row["model"] == BUILTIN and row["method"] == "lora" and not row["gradient_checkpointing"]:
-                got = est.estimate(shape, "lora", "fp32", row["batch"], row["seq"], calibration=calibration).total
-                row["calibrated_error"] = round(got / row["measured"]["peak_bytes"] - 1, 4)
-                print(f"calibrated {row['name']}: {got / 1e9:.2f} GB ({100 * row['calibrated_error']:+.0f}%)")
+    calibrations = calibrate_groups(rows, mini) if args.calibrate else {}
     probe = hardware.probe()
     print(f"CPU: {probe.cpu_model} ({probe.kind}), {probe.cores_available} cores, "
           f"{probe.other_busy_cores:.1f} busy with other work at the start")
     if args.save:
-        from tunelab.io import write_json
-
-        write_json(args.save, {"cpu": probe.cpu_model, "kind": probe.kind,
-                               "other_busy_cores": probe.other_busy_cores, "heap_factor": est.HEAP_FACTOR,
-                               "runtime_bytes": est.RUNTIME_BYTES, "points": rows, "calibration": calibration})
+        save(Path(args.save), rows, calibrations, probe, replace_only=wanted is not None)
     return 0
 
 
-def rescore(path: Path) -> int:
-    """The saved measurements against the estimate as it is now (after a change to the formula)."""
+def _group(row: dict) -> str:
+    return f"{row['model']}|{row['method']}|{'gc' if row['gradient_checkpointing'] else 'no-gc'}"
+
+
+def calibrate_groups(rows: list[dict], mini: str | None) -> dict:
+    """``tunelab estimate --calibrate``'s probes for each (model, method, checkpointing) among the rows."""
+    from tunelab.export import estimate as est
+
+    calibrations = {}
+    for row in rows:
+        key = _group(row)
+        if key not in calibrations:
+            spec = mini if row["model"] == MINI else row["model"]
+            calibrations[key] = {"config": row["config"], **est.calibrate(spec, row["method"],
+                                                                          row["gradient_checkpointing"])}
+        row["calibrated_error"] = calibrated_error(row, calibrations[key])
+        print(f"calibrated {row['name']}: {100 * row['calibrated_error']:+.0f}%", flush=True)
+    return calibrations
+
+
+def calibrated_error(row: dict, calibration: dict) -> float:
+    from tunelab.export import estimate as est
+
+    got = est.estimate(_shape(row["config"]), row["method"], "fp32", row["batch"], row["seq"],
+                       row["gradient_checkpointing"], calibration=calibration).total
+    return round(got / row["measured"]["peak_bytes"] - 1, 4)
+
+
+def _shape(config: dict):
+    from transformers import AutoConfig
+
+    from tunelab.export import estimate as est
+
+    config = dict(config)
+    return est.model_shape(AutoConfig.for_model(config.pop("model_type"), **config))
+
+
+def save(path: Path, rows: list[dict], calibrations: dict, probe, replace_only: bool) -> None:
+    """Write the points; with ``--only``, replace just those (and their groups' calibrations) in ``path``."""
     import json
 
-    from transformers import AutoConfig
+    from tunelab.export import estimate as est
+    from tunelab.io import write_json
+
+    data = {"points": [], "calibrations": {}}
+    if replace_only and path.is_file():
+        data = json.loads(path.read_text(encoding="utf-8"))
+    names = {row["name"] for row in rows}
+    kept = [row for row in data.get("points", []) if row["name"] not in names]
+    order = [p[0] for p in POINTS]
+    points = sorted(kept + rows, key=lambda row: order.index(row["name"]) if row["name"] in order else len(order))
+    data.update(cpu=probe.cpu_model, kind=probe.kind, other_busy_cores=probe.other_busy_cores,
+                heap_factor=est.HEAP_FACTOR, runtime_bytes=est.RUNTIME_BYTES, points=points,
+                calibrations={**data.get("calibrations", {}), **calibrations})
+    data.pop("calibration", None)
+    write_json(path, data)
+
+
+def rescore(path: Path) -> int:
+    """The saved measurements against the estimate as it is now (after a change to the formula): the
+    formula alone, and refitted to the saved probes of each point's group where there are some."""
+    import json
 
     from tunelab.export import estimate as est
     from tunelab.io import write_json
 
     data = json.loads(path.read_text(encoding="utf-8"))
+    for calibration in data.get("calibrations", {}).values():
+        shape = _shape(calibration["config"])
+        for probe in calibration["points"]:
+            parts, _ = est.step_resident(shape, probe["method"], "fp32", probe["batch"], probe["seq"],
+                                         probe["gradient_checkpointing"], probe["r"], probe["freeze_layers"])
+            probe["step_bytes"] = sum(parts.values())
+        calibration["fit"] = est.fit(calibration["points"])
     for row in data["points"]:
-        config = dict(row["config"])
-        config = AutoConfig.for_model(config.pop("model_type"), **config)
-        predicted = est.estimate(est.model_shape(config), row["method"], "fp32", row["batch"], row["seq"],
+        predicted = est.estimate(_shape(row["config"]), row["method"], "fp32", row["batch"], row["seq"],
                                  row["gradient_checkpointing"])
         row["estimate"], row["error"] = predicted.to_dict(), round(predicted.total / row["measured"]["peak_bytes"] - 1, 4)
+        calibration = data.get("calibrations", {}).get(_group(row))
+        if calibration:
+            row["calibrated_error"] = calibrated_error(row, calibration)
         print(f"{row['name']:18s} {row['role']:9s} measured {row['measured']['peak_bytes'] / 1e9:6.2f} GB  "
-              f"estimated {predicted.total / 1e9:6.2f} GB  {100 * row['error']:+.0f}%")
+              f"estimated {predicted.total / 1e9:6.2f} GB  {100 * row['error']:+.0f}%"
+              + (f"  calibrated {100 * row['calibrated_error']:+.0f}%" if calibration else ""))
     data.update(heap_factor=est.HEAP_FACTOR, runtime_bytes=est.RUNTIME_BYTES)
     write_json(path, data)
     return 0

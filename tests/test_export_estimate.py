@@ -104,47 +104,104 @@ def test_cli_json_is_one_object_in_bytes(tiny_dir, capsys):
 
 
 def test_calibration_fit_recovers_known_terms():
-    points = [{"batch": b, "seq": s, "peak_bytes": 5e8 + 3e4 * b * s + 7.0 * b * s * s}
-              for b, s in est.PROBE_POINTS]
-    fit = est.fit(points)
-    assert fit["fixed"] == pytest.approx(5e8, rel=1e-6)
-    assert fit["per_token"] == pytest.approx(3e4, rel=1e-6) and fit["per_token_seq"] == pytest.approx(7.0, rel=1e-4)
+    """``peak = fixed + scale · step`` is recovered; a slope under the model's (the small probes would
+    extrapolate it into an under-estimate) or through probes of the same step is not taken, and only
+    ``fixed`` is fitted."""
+    steps = (2e8, 5e8, 6e8)
+    fit = est.fit([{"step_bytes": s, "peak_bytes": 1e9 + 1.2 * s} for s in steps])
+    assert fit["fixed"] == pytest.approx(1e9, rel=1e-6) and fit["scale"] == pytest.approx(1.2, rel=1e-6)
+    fit = est.fit([{"step_bytes": s, "peak_bytes": 1e9 + 0.8 * s} for s in steps])
+    assert fit["scale"] == 1.0 and fit["fixed"] == pytest.approx(1e9 - 0.2 * sum(steps) / 3, rel=1e-6)
+    flat = [{"step_bytes": 5e8 + s / 100, "peak_bytes": 1e9 + 5e8 + s} for s in steps]  # same step: no slope
+    assert est.fit(flat)["scale"] == 1.0
+
+
+def test_checkpointed_layers_leave_their_temporaries_behind(tiny_llama):
+    """A layer that records a graph leaves its freed temporaries in the heap (``left_behind``): with
+    checkpointing that is a layer's whole working set per layer, without it next to nothing (the
+    layer keeps its tensors); in the estimate it counts once, not times ``HEAP_FACTOR``."""
+    from tunelab.export.estimate_trace import trace_step
+
+    config = tiny_llama.config
+    plain = trace_step(config, "lora", 2, 64)
+    checkpointed = trace_step(config, "lora", 2, 64, gradient_checkpointing=True)
+    # more than the checkpointed step keeps for its backward (layer inputs), and than a plain step leaves
+    assert checkpointed["left_behind"] > max(checkpointed["saved"], 2 * plain["left_behind"])
+    parts, _ = est.step_resident(est.model_shape(config), "lora", "fp32", 2, 64, True, 8, 2)
+    assert checkpointed["large_at_peak"] == 0  # a tiny model's tensors all come from the heap
+    # the backward's recompute of every layer leaves a share more
+    resident = est.HEAP_FACTOR * checkpointed["peak"] + checkpointed["left_behind"] * (1 + est.RECOMPUTE_LEFT)
+    assert sum(parts.values()) == pytest.approx(resident)
+
+
+def test_probe_peak_is_its_own_not_its_parents():
+    """A probe started from a big process must not report that process's peak as its own (on Linux
+    ``ru_maxrss`` is inherited through exec; ``VmHWM`` is not)."""
+    import subprocess
+    import sys
+
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("no /proc")
+    ballast = bytearray(300 * 2**20)  # this process now holds 300 MiB more than any small child
+    ballast[:: 4096] = b"x" * len(ballast[:: 4096])
+    code = "from tunelab.export.estimate_probe import peak_rss; print(peak_rss())"
+    child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert child < 200 * 2**20 < len(ballast)
 
 
 def _recorded():
-    return json.loads(PEAKS.read_text(encoding="utf-8"))["points"]
+    return json.loads(PEAKS.read_text(encoding="utf-8"))
 
 
 def _points():
-    for point in _recorded():
-        marks = [pytest.mark.xfail(strict=True, reason="known miss: 34% under with gradient checkpointing "
-                                                         "(docs/deploy.md)")] if point["gradient_checkpointing"] else []
-        yield pytest.param(point, id=f"{point['role']}-{point['name']}", marks=marks)
+    for point in _recorded()["points"]:
+        yield pytest.param(point, id=f"{point['role']}-{point['name']}")
+
+
+def _shape(config: dict):
+    from transformers import AutoConfig
+
+    config = dict(config)
+    return est.model_shape(AutoConfig.for_model(config.pop("model_type"), **config))
 
 
 @pytest.mark.parametrize("point", _points())
 def test_estimate_within_target_of_recorded_peaks(point):
     """The issue's target on peaks measured on real runs (benchmarks/estimate_memory.py): within 25%,
-    never more than 5% under. ``fit`` points chose ``HEAP_FACTOR``; ``validate`` points chose nothing."""
-    from transformers import AutoConfig
-
-    config = dict(point["config"])
-    config = AutoConfig.for_model(config.pop("model_type"), **config)
-    predicted = est.estimate(est.model_shape(config), point["method"], "fp32", point["batch"], point["seq"],
+    never more than 5% under. ``fit`` points are where ``HEAP_FACTOR`` was read off glibc's heap;
+    ``validate`` points chose nothing."""
+    predicted = est.estimate(_shape(point["config"]), point["method"], "fp32", point["batch"], point["seq"],
                              point["gradient_checkpointing"]).total
     error = predicted / point["measured"]["peak_bytes"] - 1
-    assert -0.05 <= error <= 0.25, f"{point['name']}: {100 * error:+.0f}%"
+    assert -0.05 <= error <= 0.25, f"{point['name']}: {100 * error:+.1f}%"
+
+
+@pytest.mark.parametrize("point", _points())
+def test_calibrated_estimate_within_target_of_recorded_peaks(point):
+    """``--calibrate``'s target: within 10%, never more than 5% under, refitted here to the probe steps
+    recorded for the point's model, method and checkpointing (so a change to the model is judged)."""
+    calibrations = _recorded()["calibrations"]
+    key = f"{point['model']}|{point['method']}|{'gc' if point['gradient_checkpointing'] else 'no-gc'}"
+    calibration = {**calibrations[key], "points": [dict(p) for p in calibrations[key]["points"]]}
+    shape = _shape(calibration["config"])
+    for probe in calibration["points"]:
+        parts, _ = est.step_resident(shape, probe["method"], "fp32", probe["batch"], probe["seq"],
+                                     probe["gradient_checkpointing"], probe["r"], probe["freeze_layers"])
+        probe["step_bytes"] = sum(parts.values())
+    calibration["fit"] = est.fit(calibration["points"])
+    predicted = est.estimate(_shape(point["config"]), point["method"], "fp32", point["batch"], point["seq"],
+                             point["gradient_checkpointing"], calibration=calibration).total
+    error = predicted / point["measured"]["peak_bytes"] - 1
+    assert -0.05 <= error <= 0.10, f"{point['name']}: {100 * error:+.1f}% calibrated"
 
 
 @pytest.mark.slow
 def test_estimate_within_target_of_a_peak_measured_now(smollm2_tokenizer_path):
-    """One real run now, at a point nothing was chosen on, so the recorded peaks still describe this machine."""
+    """One real run now, so the recorded peaks still describe this machine: the issue's target."""
     spec = "builtin:smollm2-135m-instruct"
     shape = est.model_shape(est.load_config(spec))
     predicted = est.estimate(shape, "lora", "fp32", 2, 128).total
     measured = est.measure_peak(spec, "lora", 2, 128)["peak_bytes"]
     error = predicted / measured - 1
-    # Within the issue's ±25%. Its "never more than 5% under" is not met everywhere: a fresh
-    # clone's CI process measured 2.37 GiB here against 2.13 predicted (-10%; docs/deploy.md).
-    assert -0.25 <= error <= 0.25, f"lora 2x128: predicted {predicted / 2**30:.2f} GiB, " \
+    assert -0.05 <= error <= 0.25, f"lora 2x128: predicted {predicted / 2**30:.2f} GiB, " \
                                    f"measured {measured / 2**30:.2f} GiB ({100 * error:+.0f}%)"

@@ -8,11 +8,12 @@ transformers knows, offline, for a local folder, a run folder or a builtin spec.
 Activations are what the textbook formula gets wrong (it under-estimated a measured LoRA
 peak by 45%), so one training step is traced on meta tensors with the real method code
 (``tunelab.export.estimate_trace``): the most the step holds at once, and what. Resident
-memory exceeds live tensors by the heap's leftovers (``HEAP_FACTOR``, fitted on measured
-peaks, ``benchmarks/estimate_memory.py``); a model that cannot run on meta falls back to a
-hand count. ``calibrate`` replaces all that with a fit of ``fixed + per-token + per-token²``
-to a few probe steps run on this machine (``tunelab.export.estimate_probe``, each in its own
-process so its peak RSS is its own).
+memory exceeds live tensors by what glibc's heap keeps: about as much again as it holds
+(``HEAP_FACTOR``), plus, in each decoder layer that records a graph, the temporaries it freed
+(``left_behind``: with gradient checkpointing that is most of the step). A model that cannot run
+on meta falls back to a hand count. ``calibrate`` fits the same model's two machine-dependent
+numbers (fixed bytes, scale of the step's bytes) to a few probe steps run on this machine
+(``tunelab.export.estimate_probe``, each in its own process so its peak RSS is its own).
 """
 
 from __future__ import annotations
@@ -31,15 +32,24 @@ OPTIMIZER_BYTES = {"adamw": 8.0, "adamw8bit": 2.0 + 8 / 2048, "sgd": 0.0}
 """Optimizer state per trainable parameter: AdamW's two fp32 moments, bitsandbytes' 8-bit ones
 (with a scale per 2048-block), plain SGD none."""
 RUNTIME_BYTES = 550 * 2**20
-"""Python, torch, transformers, peft and bitsandbytes imported, before any model: measured 0.57 GB
-peak RSS in every probe process on this CPU (2026-12-02)."""
-HEAP_FACTOR = 2.7
-"""Peak RSS over the traced bytes of the step's smaller tensors (under 32 MiB, the heap's): the heap
-keeps what the forward's temporaries freed, so it grows past the live bytes. Chosen as the larger of
-the two fit points (SmolLM2-135M LoRA 4 × 128: 2.32, 2 × 256: 2.70, benchmarks/estimate_peaks.json),
-to stay on the safe side. Larger tensors (the logits over the vocabulary, the embedding's gradient)
+"""Python, torch, transformers, peft and tunelab imported and the model loaded, its weights not yet
+touched (safetensors maps them; they count in ``weights`` once the forward reads them): 0.53-0.54 GB
+of a probe process's own RSS (``VmHWM``) on this CPU (2026-12-03)."""
+HEAP_FACTOR = 2.0
+"""glibc's heap over the live bytes of the step's smaller tensors (under 32 MiB, the heap's) at the
+peak: temporaries freed between kept tensors leave holes that later requests, split by autograd's
+small objects, reuse only in part, so the heap holds about as much free as live. Read from glibc
+itself, not from peak RSS: the heap's growth over the step (``mallinfo2``, ``malloc_after`` in
+benchmarks/estimate_peaks.json, less the ``left_behind`` below) over the traced live heap bytes at
+the peak came out 1.8-2.0 on the fit points (SmolLM2-135M LoRA 4 × 128, 2 × 256, two runs each);
+the top of that is taken. Larger tensors (the logits over the vocabulary, the embedding's gradient)
 have their own mapping, returned when freed, and count once (``LARGE_FACTOR``)."""
 LARGE_FACTOR = 1.0
+RECOMPUTE_LEFT = 1 / 3
+"""With gradient checkpointing the backward runs every layer's forward again, recording a graph, and
+that recompute leaves part of its temporaries behind as the forward did: measured (``mallinfo2``
+at the end of the forward and of the first step, SmolLM2 LoRA), the backward grew the heap by 0.27-0.47
+of what the forward had grown it (4 × 256, 8 × 128, 1 × 512), so a third of ``left_behind`` more."""
 METHODS = ("full", "freeze", "lora", "qlora")
 PRECISIONS = tuple(BYTES)
 
@@ -71,7 +81,8 @@ class Estimate:
     """Bytes at the step's peak. ``activations``, ``logits`` and ``gradients`` are what the traced
     step holds at that moment (times ``HEAP_FACTOR`` / ``LARGE_FACTOR``): tensors the forward left for the backward,
     the vocabulary-wide logits / log-probs and their gradients, and what the backward made so far
-    (weight gradients and temporaries; all gradients when the optimizer step is the peak)."""
+    (weight gradients and temporaries; all gradients when the optimizer step is the peak).
+    ``activations`` also holds the heap the forward's layers left behind (their freed temporaries)."""
 
     weights: float
     gradients: float
@@ -193,32 +204,36 @@ def estimate(shape: ModelShape, method: str = "lora", precision: str = "fp32", b
     opt = n_train * OPTIMIZER_BYTES[optimizer]
     inputs = dict(method=method, precision=precision, batch=batch, seq=seq, optimizer=optimizer,
                   gradient_checkpointing=gradient_checkpointing, r=r)
+    parts, step_notes = step_resident(shape, method, precision, batch, seq, gradient_checkpointing, r, freeze_layers)
+    notes += step_notes
+    overhead = float(RUNTIME_BYTES)
     if calibration:
         fit = calibration["fit"]
-        tokens = batch * seq
-        gradients = n_train * BYTES["fp32"]
-        activations = fit["per_token"] * tokens + fit["per_token_seq"] * tokens * seq
-        overhead = fit["fixed"] - (weights + gradients + opt)  # what the probes measured beyond the state
-        notes.append(f"activations fitted to {len(calibration['points'])} probe steps on this machine (on SmolLM2 "
-                     "LoRA this came out 9-22% under measured peaks: docs/deploy.md)")
-        return Estimate(weights, gradients, opt, activations, 0.0, overhead, n_train, shape.params, inputs,
-                        True, notes)
+        parts = {k: v * fit["scale"] for k, v in parts.items()}
+        overhead = fit["fixed"] - (weights + opt)  # this machine's runtime, as the probes measured it
+        notes.append(f"runtime and the step's scale fitted to {len(calibration['points'])} probe steps on this "
+                     "machine")
+    return Estimate(weights, parts["backward"], opt, parts["forward"], parts["logits"], overhead,
+                    n_train, shape.params, inputs, calibration is not None, notes)
+
+
+def step_resident(shape: ModelShape, method: str, precision: str, batch: int, seq: int,
+                  gradient_checkpointing: bool, r: int, freeze_layers: int) -> tuple[dict, list[str]]:
+    """Resident bytes of the step at its peak (forward / logits / backward), from its traced tensors."""
     step, how = step_tensors(shape, method, precision, batch, seq, gradient_checkpointing, r, freeze_layers)
-    notes.append(how)
+    notes = [how]
     peak, large = sum(step["at_peak"].values()), step["large_at_peak"]
     # The optimizer step itself holds every gradient, plus a temporary or two of the largest parameter.
-    update = n_train * BYTES["fp32"]
+    update = trainable(shape, method, r, freeze_layers) * BYTES["fp32"]
     if update + 2 * step["largest_grad"] > peak:
         step["at_peak"] = {"forward": 0.0, "logits": 0.0, "backward": float(update + 2 * step["largest_grad"])}
         peak, large = update + 2 * step["largest_grad"], 3 * step["largest_grad"] * (step["largest_grad"] >= LARGE)
         notes.append("the peak is the optimizer step (all gradients), not the backward")
     resident = LARGE_FACTOR * large + HEAP_FACTOR * (peak - large)
-    part = {k: v * resident / max(peak, 1.0) for k, v in step["at_peak"].items()}
-    if gradient_checkpointing:
-        notes.append("with gradient checkpointing this was 34% under a measured peak (SmolLM2 LoRA 4 x 256): "
-                     "read it as a lower bound")
-    return Estimate(weights, part["backward"], opt, part["forward"], part["logits"], float(RUNTIME_BYTES),
-                    n_train, shape.params, inputs, False, notes)
+    parts = {k: v * resident / max(peak, 1.0) for k, v in step["at_peak"].items()}
+    # The heap the forward's layers left behind stays until the process ends: counted once, as it is.
+    parts["forward"] += step["left_behind"] * (1 + RECOMPUTE_LEFT if gradient_checkpointing else 1)
+    return parts, notes
 
 
 def step_tensors(shape: ModelShape, method: str, precision: str, batch: int, seq: int,
@@ -241,14 +256,17 @@ def step_tensors(shape: ModelShape, method: str, precision: str, batch: int, seq
         how = "activations counted by hand"
     tokens, size = batch * seq, dtype.itemsize
     per_token, per_token_seq = activation_floats(shape, seq)
+    left_behind = 0.0
     if gradient_checkpointing:  # layer inputs kept; one layer's activations live again in its recompute
+        # each layer's per-token temporaries, what it would keep without checkpointing, stay in the heap
+        left_behind = tokens * per_token * size
         per_token = shape.hidden * shape.layers + per_token / shape.layers
         per_token_seq = per_token_seq / shape.layers
     logits = tokens * shape.vocab * (size + 4.0 * 3)  # logits, fp32 log-probs, their gradient and the logits'
     n_train = trainable(shape, method, r, freeze_layers)
     head = shape.vocab * shape.hidden * 4.0 if method == "full" else 0.0
     return {"at_peak": {"forward": tokens * (per_token + per_token_seq * seq) * size, "logits": logits,
-                        "backward": head}, "large_at_peak": logits + head,
+                        "backward": head}, "large_at_peak": logits + head, "left_behind": left_behind,
             "largest_grad": max(head, 4.0 * n_train / max(shape.layers, 1))}, how
 
 
@@ -260,7 +278,7 @@ def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
 # ---------------------------------------------------------------- calibration
 
 PROBE_POINTS = ((1, 64), (4, 64), (1, 256))
-"""(batch, seq) of the probe steps: independent in tokens and tokens × seq, each a few seconds on a small model."""
+"""(batch, seq) of the probe steps: different in tokens and in tokens × seq, each a few seconds on a small model."""
 
 
 def measure_peak(spec: str, method: str, batch: int, seq: int, gradient_checkpointing: bool = False,
@@ -279,7 +297,6 @@ def measure_peak(spec: str, method: str, batch: int, seq: int, gradient_checkpoi
     except subprocess.TimeoutExpired:
         proc.kill()
         raise TunelabError(f"memory probe ({batch}x{seq}) did not finish in {timeout:.0f} s") from None
-    # RUSAGE_CHILDREN keeps the maximum over all children so far, so the probe reports its own peak.
     if proc.returncode != 0:
         lines = [line for line in err.strip().splitlines() if line.strip()]
         raise TunelabError(f"memory probe ({batch}x{seq}) failed: {lines[-1] if lines else proc.returncode}")
@@ -287,22 +304,38 @@ def measure_peak(spec: str, method: str, batch: int, seq: int, gradient_checkpoi
 
 
 def fit(points: list[dict]) -> dict:
-    """Least-squares ``peak = fixed + per_token · tokens + per_token_seq · tokens · seq``."""
+    """Least-squares ``peak = fixed + scale · step`` over the probes, ``step`` being the estimate's own
+    resident bytes of each probe's step: ``fixed`` is this machine's runtime plus the model's state,
+    ``scale`` how much more its allocator keeps than ``HEAP_FACTOR`` says. Both are the model's own
+    terms, so the fit extrapolates along the traced shape of the step (attention's seq² included).
+
+    Only ``fixed`` is fitted (``scale`` 1) when a slope cannot be trusted: when the probes' steps are
+    within a quarter of each other (full fine-tuning of small batches, whose peak is the optimizer
+    step, the same at every probe: a slope through them is noise, 7.6 on the small Qwen2), or when it
+    comes out under 1 (the probes are small, and a slope under the model's extrapolates into an
+    under-estimate at the sizes one asks about: 0.90 on SmolLM2 LoRA put 8 × 128 at -4%)."""
     import numpy as np
 
-    a = np.array([[1.0, p["batch"] * p["seq"], p["batch"] * p["seq"] ** 2] for p in points])
-    y = np.array([float(p["peak_bytes"]) for p in points])
-    coef, *_ = np.linalg.lstsq(a, y, rcond=None)
-    fixed, per_token, per_token_seq = (float(c) for c in coef)
-    return {"fixed": fixed, "per_token": max(per_token, 0.0), "per_token_seq": max(per_token_seq, 0.0)}
+    step = np.array([float(p["step_bytes"]) for p in points])
+    peak = np.array([float(p["peak_bytes"]) for p in points])
+    fixed, scale = float(np.mean(peak - step)), 1.0
+    if step.max() - step.min() > 0.25 * step.max():
+        (a, b), *_ = np.linalg.lstsq(np.stack([np.ones_like(step), step], axis=1), peak, rcond=None)
+        if b > 1.0:
+            fixed, scale = float(a), float(b)
+    return {"fixed": fixed, "scale": scale}
 
 
 def calibrate(spec: str, method: str, gradient_checkpointing: bool = False, optimizer: str = "adamw",
-              r: int = 8, points=PROBE_POINTS, log=print) -> dict:
-    """Measure the probe points on this machine and fit the activation terms."""
+              r: int = 8, points=PROBE_POINTS, log=print, freeze_layers: int = 2) -> dict:
+    """Measure the probe points on this machine and fit the estimate's fixed bytes and step scale."""
+    shape = model_shape(load_config(spec))
     measured = []
     for batch, seq in points:
-        result = measure_peak(spec, method, batch, seq, gradient_checkpointing, optimizer, r)
+        result = measure_peak(spec, method, batch, seq, gradient_checkpointing, optimizer, r,
+                              freeze_layers=freeze_layers)
+        parts, _ = step_resident(shape, method, "fp32", batch, seq, gradient_checkpointing, r, freeze_layers)
+        result["step_bytes"] = sum(parts.values())
         log(f"probe {batch}x{seq}: peak {result['peak_bytes'] / 2**30:.2f} GiB")
         measured.append(result)
     return {"points": measured, "fit": fit(measured)}

@@ -10,7 +10,7 @@ def register(subparsers) -> None:
         "estimate", help="training memory from the model config alone (optionally calibrated on this machine)",
         description="Weights, gradients, optimizer states, activations, logits and overhead of one training "
                     "step, from the model's config (no weights loaded). --calibrate runs three tiny probe "
-                    "steps here and fits the activation terms.")
+                    "steps here and fits the estimate's fixed bytes and step scale to them.")
     parser.add_argument("--model", required=True, help="model spec: builtin:NAME, a local folder, a run, a .gguf")
     parser.add_argument("--method", default="lora", choices=["full", "freeze", "lora", "qlora"])
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "int8", "int4"])
@@ -19,7 +19,7 @@ def register(subparsers) -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit", "sgd"])
     parser.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
-    parser.add_argument("--calibrate", action="store_true", help="fit the activation terms to probe steps here")
+    parser.add_argument("--calibrate", action="store_true", help="fit fixed bytes and step scale to probe steps here")
     parser.add_argument("--json", action="store_true", help="print one JSON object (bytes)")
     parser.set_defaults(func=run)
 
@@ -53,7 +53,8 @@ def _print_table(model: str, result) -> None:
                         f"{i['optimizer']}{', gradient checkpointing' if i['gradient_checkpointing'] else ''}")
     table.add_column("part")
     table.add_column("GiB", justify="right")
-    labels = {"weights": "weights", "optimizer": "optimizer state", "activations": "activations kept for the backward",
+    labels = {"weights": "weights", "optimizer": "optimizer state",
+              "activations": "activations kept for the backward, heap the forward left",
               "logits": "logits, log-probs and their gradients", "gradients": "gradients and backward temporaries",
               "overhead": "fixed overhead (Python, torch, libraries)"}
     for part, label in labels.items():
@@ -63,6 +64,6 @@ def _print_table(model: str, result) -> None:
     console.print(table)
     console.print(f"params {result.params:,d}, trainable {result.trainable_params:,d}"
                   + ("; calibrated on this machine" if result.calibrated else "; from the config (--calibrate fits "
-                                                                            "the activations here)"))
+                                                                            "the estimate to this machine)"))
     for note in result.notes:
         console.print(f"note: {note}")
