@@ -179,12 +179,7 @@ def rescore(path: Path) -> int:
 
     data = json.loads(path.read_text(encoding="utf-8"))
     for calibration in data.get("calibrations", {}).values():
-        shape = _shape(calibration["config"])
-        for probe in calibration["points"]:
-            parts, _ = est.step_resident(shape, probe["method"], "fp32", probe["batch"], probe["seq"],
-                                         probe["gradient_checkpointing"], probe["r"], probe["freeze_layers"])
-            probe["step_bytes"] = sum(parts.values())
-        calibration["fit"] = est.fit(calibration["points"])
+        est.refit(calibration, _shape(calibration["config"]))
     for row in data["points"]:
         predicted = est.estimate(_shape(row["config"]), row["method"], "fp32", row["batch"], row["seq"],
                                  row["gradient_checkpointing"])

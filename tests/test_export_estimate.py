@@ -183,12 +183,7 @@ def test_calibrated_estimate_within_target_of_recorded_peaks(point):
     calibrations = _recorded()["calibrations"]
     key = f"{point['model']}|{point['method']}|{'gc' if point['gradient_checkpointing'] else 'no-gc'}"
     calibration = {**calibrations[key], "points": [dict(p) for p in calibrations[key]["points"]]}
-    shape = _shape(calibration["config"])
-    for probe in calibration["points"]:
-        parts, _ = est.step_resident(shape, probe["method"], "fp32", probe["batch"], probe["seq"],
-                                     probe["gradient_checkpointing"], probe["r"], probe["freeze_layers"])
-        probe["step_bytes"] = sum(parts.values())
-    calibration["fit"] = est.fit(calibration["points"])
+    est.refit(calibration, _shape(calibration["config"]))
     predicted = est.estimate(_shape(point["config"]), point["method"], "fp32", point["batch"], point["seq"],
                              point["gradient_checkpointing"], calibration=calibration).total
     error = predicted / point["measured"]["peak_bytes"] - 1

@@ -303,6 +303,17 @@ def measure_peak(spec: str, method: str, batch: int, seq: int, gradient_checkpoi
     return json.loads(out.strip().splitlines()[-1])
 
 
+def refit(calibration: dict, shape: ModelShape) -> dict:
+    """``calibration`` with every probe's ``step_bytes`` recomputed by today's model of the step and
+    the fit redone: recorded probes judged by the current estimate, not the one they were saved with."""
+    for probe in calibration["points"]:
+        parts, _ = step_resident(shape, probe["method"], "fp32", probe["batch"], probe["seq"],
+                                 probe["gradient_checkpointing"], probe["r"], probe["freeze_layers"])
+        probe["step_bytes"] = sum(parts.values())
+    calibration["fit"] = fit(calibration["points"])
+    return calibration
+
+
 def fit(points: list[dict]) -> dict:
     """Least-squares ``peak = fixed + scale · step`` over the probes, ``step`` being the estimate's own
     resident bytes of each probe's step: ``fixed`` is this machine's runtime plus the model's state,
