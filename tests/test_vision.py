@@ -527,9 +527,9 @@ def test_chat_image_flag_needs_a_vision_run(tiny_dir, capsys):
 
 
 def test_a_trained_composite_answers_from_the_image(tiny_dir, tower_dirs, shapes_data, tmp_path):
-    """The colour of a plain image is only in its pixels: after a short instruct run (the whole tiny LLM trains: LoRA
-    on a 2-layer random model learns too slowly for a test) the right
-    answer is far likelier with the row's own image than with another colour's image."""
+    """The colour of a plain image is only in its pixels: after a short instruct run, the right answer
+    is far likelier with the row's own image than with another colour's image. The whole tiny LLM
+    trains (method full): LoRA on a 2-layer random model learns too slowly for a test."""
     import torch
 
     from tunelab.data import load_dataset
