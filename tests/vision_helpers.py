@@ -97,3 +97,8 @@ def train_run(tmp_path, name, model_name, tower, data, callbacks=None, **overrid
         args.append(f"model.vision.tower={tower}")
     args += [f"{k}={v}" for k, v in overrides.items()]
     return train_vlm(load_config(None, args), callbacks)
+
+
+def state(module):
+    """Copies of a module's weights and buffers (BatchNorm statistics included)."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
