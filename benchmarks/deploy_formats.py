@@ -128,15 +128,11 @@ def forced_top1(model, prompts: list[list[int]], answers: list[list[int]]) -> li
     """The model's argmax at every position of the reference answers (teacher forcing)."""
     import torch
 
-    out = []
+    from tunelab.export.check import forced_logits
+
     with torch.inference_mode():
-        for prompt, answer in zip(prompts, answers):
-            if not answer:
-                out.append([])
-                continue
-            logits = model(input_ids=torch.tensor([prompt + answer[:-1]])).logits[0, len(prompt) - 1:]
-            out.append(logits.argmax(-1).tolist())
-    return out
+        return [forced_logits(model, prompt, answer).argmax(-1).tolist() if answer else []
+                for prompt, answer in zip(prompts, answers)]
 
 
 def score_windows(model, windows: list[list[int]]) -> list[dict]:

@@ -105,7 +105,7 @@ def _greedy(model, ids: list[int], max_new_tokens: int, stops: list[int]) -> lis
     return out[0, len(ids):].tolist()
 
 
-def _forced(model, prompt: list[int], answer: list[int]):
+def forced_logits(model, prompt: list[int], answer: list[int]):
     """Logits for every answer position (and the last prompt one) given the source's answer."""
     import torch
 
@@ -144,7 +144,7 @@ def compare(reference: Fingerprint, model, backend: str, tolerance: float | None
     with torch.inference_mode():
         for prompt, answer, last in zip(reference.prompts, reference.answers, reference.last_logits):
             if answer:
-                logits = _forced(model, prompt, answer)
+                logits = forced_logits(model, prompt, answer)
                 agree += int((logits.argmax(-1) == torch.tensor(answer)).sum())
                 total += len(answer)
                 diff = max(diff, float((logits[0] - torch.tensor(last)).abs().max()))
