@@ -13,6 +13,7 @@ from typing import TextIO
 
 from tunelab.config import DEFAULT_MODEL
 from tunelab.errors import TunelabError
+from tunelab.models.gguf_runtime import QUANTIZE_TYPES
 from tunelab.generation import (
     FALLBACK_REPLY,
     PRESETS,
@@ -188,6 +189,9 @@ def add_generation_options(parser) -> None:
     group.add_argument("--seed", type=int)
     group.add_argument("--threads", type=int,
                        help="torch CPU threads (default: the cores other processes leave free; also $TUNELAB_THREADS)")
+    group.add_argument("--quantize", choices=QUANTIZE_TYPES,
+                       help="run the model as a GGUF of this type in llama.cpp, the fast CPU path "
+                            "(exported and checked once, then cached; docs/deploy.md)")
 
 
 def settings_from_args(args) -> GenerationSettings:
@@ -204,13 +208,24 @@ def settings_from_args(args) -> GenerationSettings:
     return from_preset(args.preset, **{n: getattr(args, n, None) for n in names})
 
 
-def run_chat(spec: str, settings: GenerationSettings, system: str | None = None) -> None:
-    """Load ``spec`` (model, run folder or builtin) and chat on stdin/stdout."""
+def run_chat(spec: str, settings: GenerationSettings, system: str | None = None, quantize: str | None = None,
+             threads: int | None = None) -> None:
+    """Load ``spec`` (model, run folder or builtin; ``quantize``: as a GGUF in llama.cpp) and chat on
+    stdin/stdout."""
+    print(f"loading {spec} ...", file=sys.stderr, flush=True)
+    model, tokenizer = load_for_generation(spec, quantize, threads)
+    chat_loop(model, tokenizer, settings, system)
+
+
+def load_for_generation(spec: str, quantize: str | None = None, threads: int | None = None):
+    """``(model, tokenizer)``: transformers', or with ``quantize`` a GGUF in llama.cpp."""
+    if quantize:
+        from tunelab.models.gguf_runtime import load_quantized
+
+        return load_quantized(spec, quantize, threads, log=lambda line: print(line, file=sys.stderr, flush=True))
     from tunelab.models import load_model
 
-    print(f"loading {spec} ...", file=sys.stderr, flush=True)
-    model, tokenizer = load_model(spec)
-    chat_loop(model, tokenizer, settings, system)
+    return load_model(spec)
 
 
 def register(subparsers) -> None:
@@ -229,12 +244,12 @@ def register(subparsers) -> None:
 def _main(args) -> int:
     from tunelab.vision.compose import is_vision_run
 
-    if is_vision_run(args.model):
+    if is_vision_run(args.model) and not args.quantize:
         from tunelab.vision.chat import run_chat as run_vision_chat
 
         run_vision_chat(args.model, settings_from_args(args), args.system, args.image)
         return 0
     if args.image:
         raise TunelabError(f"--image: {args.model} is not a vision-language run (no vision.json)")
-    run_chat(args.model, settings_from_args(args), args.system)
+    run_chat(args.model, settings_from_args(args), args.system, args.quantize, args.threads)
     return 0

@@ -288,6 +288,9 @@ class EvalConfig:
     """Generation settings over the preset, by ``tunelab.generation.GenerationSettings`` name, e.g.
     R2GenGPT's ``{num_beams: 3, min_new_tokens: 80, repetition_penalty: 1.2, no_repeat_ngram_size: 2}``."""
     max_samples: int | None = None
+    quantize: str | None = None
+    """Evaluate each model as a GGUF of this type in llama.cpp (``f16``, ``q8_0``, ``q5_0``, ``q4_0``,
+    ``q4_1``; ``tunelab.models.gguf_runtime``), exported once and cached; None: transformers."""
     output_dir: str | None = None
     """Where report.md/html/json go (default: <output_dir>/eval)."""
     judge_base_url: str | None = None

@@ -8,7 +8,8 @@
 - ``generate_ids``: already-tokenised prompts (one batch, or ``max_rows`` at a time) with
   per-row callbacks, limits and cancellation; the server's batching engine drives this
   directly. Greedy decoding uses tunelab's own loop (``tunelab.greedy``), the rest
-  transformers' ``generate``.
+  transformers' ``generate``; a GGUF model in llama.cpp (``--quantize``,
+  ``tunelab.models.gguf_runtime``) decodes itself and feeds the same bookkeeping.
 
 Prompts become token ids (and, for a vision-language model, image spans) in
 ``tunelab.prompts``; its names are importable from here too. Stop strings are handled in
@@ -25,6 +26,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from tunelab.errors import TunelabError
 from tunelab.greedy import fast_greedy_applies, greedy_decode
+from tunelab.models.gguf_runtime import is_llamacpp
 from tunelab.prompts import check_context, encode_prompts, image_inputs, render_prompt
 from tunelab.prompts import context_length  # noqa: F401  (public here too: tunelab.generation.context_length)
 from tunelab.stops import StopFilter, template_stops
@@ -309,6 +311,9 @@ def generate_ids(
     stops = tuple(settings.stop) + template_stops(tokenizer)
     rows = _Rows(tokenizer, [len(ids) for ids in prompt_ids], limits, stops, eos, on_text, on_done, cancel)
     max_rows = max_rows or len(prompt_ids)
+    if is_llamacpp(model):  # a GGUF in llama.cpp (--quantize): its own decoding, our bookkeeping
+        ends = model.decode(prompt_ids, rows.push, limits, settings)
+        return [rows.finish(row, "stop" if end == "eog" else "length") for row, end in enumerate(ends)]
     model.eval()
     with torch.inference_mode():
         if images is None and fast_greedy and settings.greedy and settings.num_beams == 1 \

@@ -12,6 +12,7 @@ import os
 import sys
 
 from tunelab.io import dumps
+from tunelab.models.gguf_runtime import QUANTIZE_TYPES as QUANTIZE_CHOICES
 
 SUBCOMMANDS = ("score", "run", "judge")
 
@@ -59,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datasets", nargs="+", help="test sets (files or registered names)")
     p.add_argument("--metrics", help="comma list of metrics")
     p.add_argument("--out", help="report folder (default: <output_dir>/eval)")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES,
+                   help="evaluate each model as a GGUF of this type in llama.cpp (exported once, cached)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--judge-base-url", help="also judge the answers with this OpenAI-compatible endpoint")
     p.add_argument("--judge-model", help="judge model name (with --judge-base-url)")
@@ -119,6 +122,8 @@ def _run(args: argparse.Namespace) -> int:
         overrides.append("eval.datasets=[" + ",".join(f'"{d}"' for d in args.datasets) + "]")
     if args.metrics:
         overrides.append(f"eval.metrics=[{args.metrics}]")
+    if args.quantize:
+        overrides.append(f"eval.quantize={args.quantize}")
     if args.out:
         overrides.append(f'eval.output_dir="{args.out}"')
     if args.judge_base_url:

@@ -64,6 +64,10 @@ def _perplexity(p, r, o):
     from tunelab.eval.metrics_model import perplexity
 
     model, tokenizer = o.model
+    from tunelab.models.gguf_runtime import is_llamacpp
+
+    if is_llamacpp(model):
+        return {"perplexity": "unavailable: the model runs in llama.cpp (--quantize); score it without --quantize"}
     refs = [ref[0] if isinstance(ref, list) else ref for ref in r]
     return perplexity(model, tokenizer, refs, o.prompts)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,8 @@ def _evaluate_model(spec: str, cfg: RunConfig, test_sets: list[TestSet], out: Pa
     start = time.perf_counter()
     model, tokenizer = _load(spec, cfg)
     timings: dict[str, Any] = {"load_s": round(time.perf_counter() - start, 2)}
+    if getattr(model, "gguf_path", None):  # --quantize: the file answering and how it agreed with its source
+        timings["llamacpp"] = {"gguf": str(model.gguf_path), "threads": model.threads, "check": model.quality}
     metrics: dict[str, Any] = {}
     names = parse_metrics(cfg.eval.metrics)
     for test in test_sets:
@@ -124,6 +127,10 @@ def _load(spec: str, cfg: RunConfig):
     """A model to evaluate: a vision run folder as its composite (images reach it), else the text loader."""
     from tunelab.vision.compose import is_vision_run
 
+    if cfg.eval.quantize:
+        from tunelab.models.gguf_runtime import load_quantized
+
+        return load_quantized(spec, cfg.eval.quantize, log=lambda line: print(line, file=sys.stderr, flush=True))
     if is_vision_run(spec):
         from tunelab.vision.compose import load_vlm
 
@@ -165,6 +172,11 @@ def evaluate(cfg: RunConfig, progress: bool = True, judge: Any = None) -> dict[s
     if not datasets:
         raise TunelabError("eval.datasets: no test set (set eval.datasets or data.eval)")
     parse_metrics(cfg.eval.metrics)
+    if cfg.eval.quantize is not None:
+        from tunelab.models.gguf_runtime import QUANTIZE_TYPES
+
+        if cfg.eval.quantize not in QUANTIZE_TYPES:
+            raise TunelabError(f"eval.quantize: {cfg.eval.quantize!r} is not one of {', '.join(QUANTIZE_TYPES)}")
     settings = _settings(cfg)
     out = Path(cfg.eval.output_dir or Path(cfg.output_dir) / "eval")
     taken: set[str] = set()
@@ -178,7 +190,7 @@ def evaluate(cfg: RunConfig, progress: bool = True, judge: Any = None) -> dict[s
         "metrics": parse_metrics(cfg.eval.metrics),
         "settings": {"generation": dataclasses.asdict(settings), "preset": cfg.eval.preset,
                      "batch_size": cfg.eval.batch_size, "max_samples": cfg.eval.max_samples,
-                     "precision": cfg.model.precision},
+                     "precision": cfg.model.precision, "quantize": cfg.eval.quantize},
         "results": {t.name: {} for t in test_sets},
         "timings": {},
     }
@@ -187,6 +199,8 @@ def evaluate(cfg: RunConfig, progress: bool = True, judge: Any = None) -> dict[s
         metrics, timings = _evaluate_model(spec, cfg, test_sets, out, name, settings, progress)
         for test_name, values in metrics.items():
             report["results"][test_name][name] = values
+        if "llamacpp" in timings:  # --quantize: which file answered, and how it agreed with its source
+            report["settings"].setdefault("llamacpp", {})[name] = timings.pop("llamacpp")
         report["timings"][name] = timings
     if judge is not None:
         _judge_all(judge, report, test_sets, model_names, out)

@@ -66,11 +66,11 @@ def install(timeout: float = 600) -> Path:
     return folder
 
 
-def _runner() -> Path:
-    """The runner script, copied beside node_modules so its ``import`` finds the package."""
+def script(name: str = "llamacpp_runner.mjs") -> Path:
+    """One of tunelab's node scripts, copied beside node_modules so its ``import`` finds the package."""
     folder = install_dir()
-    target = folder / "tunelab_runner.mjs"
-    text = resources.files("tunelab.export").joinpath("llamacpp_runner.mjs").read_text(encoding="utf-8")
+    target = folder / f"tunelab_{name}"
+    text = resources.files("tunelab.export").joinpath(name).read_text(encoding="utf-8")
     if not target.is_file() or target.read_text(encoding="utf-8") != text:
         target.write_text(text, encoding="utf-8")
     return target
@@ -100,7 +100,7 @@ def run_probes(gguf_path: str | Path, prompts: list[list[int]], answers: list[li
            "generate_tokens": generate_tokens}
     started = time.perf_counter()
     try:
-        done = subprocess.run(["node", str(_runner())], input=json.dumps(job), capture_output=True, text=True,
+        done = subprocess.run(["node", str(script())], input=json.dumps(job), capture_output=True, text=True,
                               timeout=timeout, cwd=install_dir())
     except subprocess.TimeoutExpired:
         raise TunelabError(f"llama.cpp check: no answer within {timeout:.0f} s") from None

@@ -22,6 +22,8 @@ def run_server(
     api_key: str | None = None,
     max_queue: int = ServeConfig.max_queue,
     max_batch: int = ServeConfig.max_batch,
+    quantize: str | None = None,
+    threads: int | None = None,
 ) -> None:
     """Load ``spec`` and ``adapters`` and serve them until Ctrl-C (finishing running answers)."""
     import uvicorn
@@ -36,7 +38,7 @@ def run_server(
         print(f"warning: serving on {host} without an API key; anyone who can reach it can use it",
               file=sys.stderr)
     print(f"loading {spec} ...", file=sys.stderr, flush=True)
-    served = load_for_serving(spec, adapters)
+    served = load_for_serving(spec, adapters, quantize, threads)
     app = create_app(served, settings, api_key=api_key, max_queue=max_queue, max_batch=max_batch)
     print(f"serving {', '.join(served.ids)} on http://{host}:{port}/v1", file=sys.stderr, flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
@@ -63,5 +65,5 @@ def _main(args) -> int:
     if args.max_queue < 1 or args.max_batch < 1:
         raise TunelabError("serve: --max-queue and --max-batch must be >= 1")
     run_server(args.model, args.adapter, settings_from_args(args), args.host, args.port, args.api_key,
-               args.max_queue, args.max_batch)
+               args.max_queue, args.max_batch, args.quantize, args.threads)
     return 0

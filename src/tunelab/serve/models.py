@@ -87,10 +87,28 @@ def attach_adapters(model, tokenizer, base_name: str, adapters: list[str], main:
     return served
 
 
-def load_for_serving(spec: str, adapters: list[str] | None = None) -> ServedModels:
-    """Load ``spec`` (model, run folder or builtin) and attach the extra adapters."""
+def load_for_serving(spec: str, adapters: list[str] | None = None, quantize: str | None = None,
+                     threads: int | None = None) -> ServedModels:
+    """Load ``spec`` (model, run folder or builtin) and attach the extra adapters.
+
+    ``quantize``: serve ``spec`` (any adapter merged) as a GGUF of that type in llama.cpp."""
+    import sys
+    import time
+
     from tunelab.models import load_model, resolve_spec
     from tunelab.vision.compose import is_vision_run
+
+    if quantize:
+        from tunelab.models.gguf_runtime import load_quantized
+
+        if adapters:
+            raise TunelabError("--adapter: with --quantize the model is one merged GGUF file; serve each run "
+                               "on its own port")
+        model, tokenizer = load_quantized(spec, quantize, threads,
+                                          log=lambda line: print(line, file=sys.stderr, flush=True))
+        path = Path(spec).expanduser()
+        name = path.resolve().name if path.is_dir() else spec
+        return ServedModels(model, tokenizer, {name: None}, {name: int(time.time())})
 
     if is_vision_run(spec):  # tower + projector + LLM: requests may carry images (data: URLs)
         from tunelab.vision.compose import load_vlm

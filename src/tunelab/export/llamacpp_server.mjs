@@ -1,0 +1,86 @@
+// Serves one GGUF model through real llama.cpp (node-llama-cpp's prebuilt binaries), one JSON object per line.
+// argv: model path, threads, context size.
+// stdout first: {"ready": true, "context_size": n, "eog": [ids]} (or {"error": text} and exit 1)
+// stdin requests, one at a time:
+//   {"id": k, "prompt": [ids], "max_tokens": n, "temperature": t, "top_k": k, "top_p": p,
+//    "repeat_penalty": r, "seed": s}
+//   -> {"id": k, "token": id} per generated token (an end-of-generation token included), then
+//      {"id": k, "done": "eog" | "length" | "cancelled", "prompt_evaluated": n, "seconds": s}
+//   {"cancel": k} ends request k at its next token (the caller saw a stop string or its own limit).
+// The prompt prefix a request shares with the previous conversation stays in the KV cache: a chat turn
+// only evaluates what is new.
+import {createInterface} from "node:readline";
+import {getLlama} from "node-llama-cpp";
+
+const [modelPath, threadsText, contextText] = process.argv.slice(2);
+const send = (message) => process.stdout.write(JSON.stringify(message) + "\n");
+
+let llama, model, context, sequence;
+try {
+    llama = await getLlama({build: "never", gpu: false, logLevel: "error"});
+    model = await llama.loadModel({modelPath, gpuLayers: 0});
+    // Flash attention off: the decode steps then use the kernel the export check verified.
+    context = await model.createContext({contextSize: Number(contextText), threads: Number(threadsText),
+                                         sequences: 1, flashAttention: false});
+    sequence = context.getSequence();
+} catch (error) {
+    send({error: String(error?.message ?? error).split("\n")[0]});
+    process.exit(1);
+}
+const eog = [];
+for (const token of [model.tokens.eos, model.tokens.eot]) if (token != null) eog.push(token);
+send({ready: true, context_size: context.contextSize, eog});
+
+const cancelled = new Set();
+const pending = [];
+let wake = null;
+const lines = createInterface({input: process.stdin});
+lines.on("line", (line) => {
+    if (!line.trim()) return;
+    const message = JSON.parse(line);
+    if (message.cancel !== undefined) cancelled.add(message.cancel);
+    else pending.push(message);
+    wake?.();
+});
+lines.on("close", () => { pending.push(null); wake?.(); });
+
+while (true) {
+    if (!pending.length) await new Promise((resolve) => { wake = resolve; });
+    wake = null;
+    const job = pending.shift();
+    if (job === null) break;
+    if (job === undefined) continue;
+    await answer(job);
+}
+await context.dispose();
+await model.dispose();
+await llama.dispose();
+
+async function answer(job) {
+    const started = Date.now();
+    const prompt = job.prompt;
+    // keep the shared prefix, but always evaluate at least the prompt's last token
+    const keep = Math.min(sequence.compareContextTokens(prompt).firstDifferentIndex, prompt.length - 1);
+    if (keep < sequence.nextTokenIndex)
+        await sequence.eraseContextTokenRanges([{start: keep, end: sequence.nextTokenIndex}]);
+    const generated = [];
+    const options = {yieldEogToken: true, temperature: job.temperature ?? 0};
+    if (options.temperature > 0) {
+        if (job.top_k) options.topK = job.top_k;
+        if (job.top_p !== undefined && job.top_p < 1) options.topP = job.top_p;
+        if (job.seed !== undefined && job.seed !== null) options.seed = job.seed;
+    }
+    if (job.repeat_penalty && job.repeat_penalty !== 1)
+        options.repeatPenalty = {punishTokens: () => prompt.concat(generated), penalty: job.repeat_penalty,
+                                 maxPunishTokens: prompt.length + job.max_tokens};
+    let reason = "length";
+    for await (const token of sequence.evaluate(prompt.slice(keep), options)) {
+        if (cancelled.has(job.id)) { reason = "cancelled"; break; }
+        generated.push(token);
+        send({id: job.id, token});
+        if (model.isEogToken(token)) { reason = "eog"; break; }
+        if (generated.length >= job.max_tokens) break;
+    }
+    cancelled.delete(job.id);
+    send({id: job.id, done: reason, prompt_evaluated: prompt.length - keep, seconds: (Date.now() - started) / 1000});
+}
