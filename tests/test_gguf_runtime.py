@@ -51,8 +51,10 @@ def test_greedy_answers_equal_transformers(f32_model, tiny_llama, tiny_tokenizer
 
     settings = GenerationSettings(max_new_tokens=12)
     want = generate(tiny_llama, tiny_tokenizer, CHATS, settings, progress=False)
-    got = generate(f32_model, tiny_tokenizer, CHATS, settings, progress=False)
+    got = generate(f32_model, tiny_tokenizer, CHATS, settings, progress=False)  # parallel sequences
     assert [r.text for r in got] == [r.text for r in want]
+    one_by_one = generate(f32_model, tiny_tokenizer, CHATS, settings, batch_size=1, progress=False)
+    assert [r.text for r in one_by_one] == [r.text for r in want]
     assert [(r.prompt_tokens, r.completion_tokens, r.finish_reason) for r in got] == \
         [(r.prompt_tokens, r.completion_tokens, r.finish_reason) for r in want]
 

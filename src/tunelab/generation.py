@@ -312,7 +312,7 @@ def generate_ids(
     rows = _Rows(tokenizer, [len(ids) for ids in prompt_ids], limits, stops, eos, on_text, on_done, cancel)
     max_rows = max_rows or len(prompt_ids)
     if is_llamacpp(model):  # a GGUF in llama.cpp (--quantize): its own decoding, our bookkeeping
-        ends = model.decode(prompt_ids, rows.push, limits, settings)
+        ends = model.decode(prompt_ids, rows.push, limits, settings, max_rows)
         return [rows.finish(row, "stop" if end == "eog" else "length") for row, end in enumerate(ends)]
     model.eval()
     with torch.inference_mode():

@@ -2,13 +2,15 @@
 // argv: model path, threads, context size.
 // stdout first: {"ready": true, "context_size": n, "eog": [ids]} (or {"error": text} and exit 1)
 // stdin requests, one at a time:
-//   {"id": k, "prompt": [ids], "max_tokens": n, "temperature": t, "top_k": k, "top_p": p,
+//   {"rows": [{"id": k, "prompt": [ids], "max_tokens": n}, ...], "temperature": t, "top_k": k, "top_p": p,
 //    "repeat_penalty": r, "seed": s}
 //   -> {"id": k, "token": id} per generated token (an end-of-generation token included), then
-//      {"id": k, "done": "eog" | "length" | "cancelled", "prompt_evaluated": n, "seconds": s}
-//   {"cancel": k} ends request k at its next token (the caller saw a stop string or its own limit).
-// The prompt prefix a request shares with the previous conversation stays in the KV cache: a chat turn
-// only evaluates what is new.
+//      {"id": k, "done": "eog" | "length" | "cancelled", "seconds": s} per row, then {"batch_done": true}
+//   {"cancel": k} ends row k at its next token (the caller saw a stop string or its own limit).
+// One row runs on the main context (one sequence, the full context size), where the prompt prefix a request
+// shares with the previous one stays in the KV cache: a chat turn only evaluates what is new. Several rows
+// run together, one sequence each, in a batch context sized for them (llama.cpp decodes the sequences' next
+// tokens in one batch, which costs far less than one pass per row).
 import {createInterface} from "node:readline";
 import {getLlama} from "node-llama-cpp";
 
@@ -44,25 +46,45 @@ lines.on("line", (line) => {
 });
 lines.on("close", () => { pending.push(null); wake?.(); });
 
+let batchContext = null;
 while (true) {
     if (!pending.length) await new Promise((resolve) => { wake = resolve; });
     wake = null;
     const job = pending.shift();
     if (job === null) break;
     if (job === undefined) continue;
-    await answer(job);
+    if (job.rows.length === 1) await answer(sequence, job, job.rows[0], true);
+    else await answerBatch(job);
+    send({batch_done: true});
 }
+await batchContext?.dispose();
 await context.dispose();
 await model.dispose();
 await llama.dispose();
 
-async function answer(job) {
+async function answerBatch(job) {
+    const longest = Math.max(...job.rows.map((row) => row.prompt.length + row.max_tokens));
+    const size = Math.min(context.contextSize, Math.ceil((longest + 8) / 256) * 256);
+    if (!batchContext || batchContext.totalSequences < job.rows.length || batchContext.contextSize < size) {
+        await batchContext?.dispose();
+        batchContext = await model.createContext({contextSize: size, sequences: job.rows.length,
+                                                  threads: Number(threadsText), flashAttention: false});
+    }
+    const sequences = job.rows.map(() => batchContext.getSequence());
+    try {
+        await Promise.all(job.rows.map((row, i) => answer(sequences[i], job, row, false)));
+    } finally {
+        for (const s of sequences) s.dispose();
+    }
+}
+
+async function answer(seq, job, row, keepPrefix) {
     const started = Date.now();
-    const prompt = job.prompt;
+    const prompt = row.prompt;
     // keep the shared prefix, but always evaluate at least the prompt's last token
-    const keep = Math.min(sequence.compareContextTokens(prompt).firstDifferentIndex, prompt.length - 1);
-    if (keep < sequence.nextTokenIndex)
-        await sequence.eraseContextTokenRanges([{start: keep, end: sequence.nextTokenIndex}]);
+    const keep = keepPrefix ? Math.min(seq.compareContextTokens(prompt).firstDifferentIndex, prompt.length - 1) : 0;
+    if (keep < seq.nextTokenIndex)
+        await seq.eraseContextTokenRanges([{start: keep, end: seq.nextTokenIndex}]);
     const generated = [];
     const options = {yieldEogToken: true, temperature: job.temperature ?? 0};
     if (options.temperature > 0) {
@@ -72,15 +94,15 @@ async function answer(job) {
     }
     if (job.repeat_penalty && job.repeat_penalty !== 1)
         options.repeatPenalty = {punishTokens: () => prompt.concat(generated), penalty: job.repeat_penalty,
-                                 maxPunishTokens: prompt.length + job.max_tokens};
+                                 maxPunishTokens: prompt.length + row.max_tokens};
     let reason = "length";
-    for await (const token of sequence.evaluate(prompt.slice(keep), options)) {
-        if (cancelled.has(job.id)) { reason = "cancelled"; break; }
+    for await (const token of seq.evaluate(prompt.slice(keep), options)) {
+        if (cancelled.has(row.id)) { reason = "cancelled"; break; }
         generated.push(token);
-        send({id: job.id, token});
+        send({id: row.id, token});
         if (model.isEogToken(token)) { reason = "eog"; break; }
-        if (generated.length >= job.max_tokens) break;
+        if (generated.length >= row.max_tokens) break;
     }
-    cancelled.delete(job.id);
-    send({id: job.id, done: reason, prompt_evaluated: prompt.length - keep, seconds: (Date.now() - started) / 1000});
+    cancelled.delete(row.id);
+    send({id: row.id, done: reason, seconds: (Date.now() - started) / 1000});
 }

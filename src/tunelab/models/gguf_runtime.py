@@ -11,8 +11,10 @@ quantization measured faster on a CPU, so none is offered.
 it carries the source's ``config`` (context length) and ``generation_config`` (end
 tokens), and ``decode`` feeds each generated token to the caller's row bookkeeping, so
 stop strings, streaming, cancellation and finish reasons behave as with transformers.
-Rows are answered one after another (llama.cpp with one sequence, one thread by
-default: two threads on two cores collapsed decode speed while anything else ran).
+A single row (a chat turn, a streamed request) runs on one sequence whose KV cache keeps
+the conversation so far; several rows (an evaluation batch, the server's batch) run as
+parallel sequences decoded together. One thread by default: two threads on two cores
+collapsed decode speed while anything else ran.
 """
 
 from __future__ import annotations
@@ -84,8 +86,9 @@ class LlamaCppModel:
         self._process.stdin.flush()
 
     def decode(self, prompt_ids: Sequence[Sequence[int]], push: Callable[[int, int], bool], limits: Sequence[int],
-               settings) -> list[str]:
-        """Generate every row in turn, ``push(row, token)`` per token (True: the row is done).
+               settings, max_rows: int | None = None) -> list[str]:
+        """Generate every row, ``max_rows`` at a time (default all), ``push(row, token)`` per token
+        (True: the row is done).
 
         Returns each row's end as llama.cpp saw it: ``eog`` (an end-of-generation token),
         ``length`` or ``cancelled`` (the caller's ``push`` finished the row first)."""
@@ -93,28 +96,38 @@ class LlamaCppModel:
             if getattr(settings, name) != off:
                 raise TunelabError(f"generation.{name}: not available with --quantize (llama.cpp); "
                                    f"leave it at {off} or drop --quantize")
-        ends = []
+        ends: list[str] = [""] * len(prompt_ids)
+        step = max_rows or len(prompt_ids)
         with self._lock:
-            for row, ids in enumerate(prompt_ids):
-                self._next_id += 1
-                job = self._next_id
-                self._send({"id": job, "prompt": list(ids), "max_tokens": int(limits[row]),
-                            "temperature": settings.temperature, "top_k": settings.top_k, "top_p": settings.top_p,
-                            "repeat_penalty": settings.repetition_penalty, "seed": settings.seed})
-                cancelled = False
-                while True:
-                    message = self._read()
-                    if "error" in message:
-                        raise TunelabError(f"llama.cpp: {message['error']}")
-                    if message.get("id") != job:
-                        continue
-                    if "done" in message:
-                        ends.append(message["done"])
-                        break
-                    if push(row, int(message["token"])) and not cancelled:
-                        self._send({"cancel": job})
-                        cancelled = True
+            for start in range(0, len(prompt_ids), step):
+                self._run_rows(range(start, min(start + step, len(prompt_ids))), prompt_ids, push, limits,
+                               settings, ends)
         return ends
+
+    def _run_rows(self, members, prompt_ids, push, limits, settings, ends: list[str]) -> None:
+        rows = {}
+        for row in members:
+            self._next_id += 1
+            rows[self._next_id] = row
+        self._send({"rows": [{"id": job, "prompt": list(prompt_ids[row]), "max_tokens": int(limits[row])}
+                             for job, row in rows.items()],
+                    "temperature": settings.temperature, "top_k": settings.top_k, "top_p": settings.top_p,
+                    "repeat_penalty": settings.repetition_penalty, "seed": settings.seed})
+        cancelled: set[int] = set()
+        while True:
+            message = self._read()
+            if "error" in message:
+                raise TunelabError(f"llama.cpp: {message['error']}")
+            if message.get("batch_done"):
+                return
+            job = message.get("id")
+            if job not in rows:
+                continue
+            if "done" in message:
+                ends[rows[job]] = message["done"]
+            elif push(rows[job], int(message["token"])) and job not in cancelled:
+                self._send({"cancel": job})
+                cancelled.add(job)
 
     def close(self) -> None:
         if self._process.poll() is None:
