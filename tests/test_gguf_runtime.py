@@ -55,6 +55,11 @@ def test_greedy_answers_equal_transformers(f32_model, tiny_llama, tiny_tokenizer
     assert [r.text for r in got] == [r.text for r in want]
     one_by_one = generate(f32_model, tiny_tokenizer, CHATS, settings, batch_size=1, progress=False)
     assert [r.text for r in one_by_one] == [r.text for r in want]
+    four = CHATS + [[{"role": "user", "content": "Code: chest pain on exertion"}]]
+    want_four = generate(tiny_llama, tiny_tokenizer, four, settings, progress=False)
+    for _ in range(3):  # later batches reuse the batch context's sequences, which must start empty each time
+        pairs = generate(f32_model, tiny_tokenizer, four, settings, batch_size=2, progress=False)
+        assert [r.text for r in pairs] == [r.text for r in want_four]
     assert [(r.prompt_tokens, r.completion_tokens, r.finish_reason) for r in got] == \
         [(r.prompt_tokens, r.completion_tokens, r.finish_reason) for r in want]
 

@@ -7,10 +7,10 @@
 //   -> {"id": k, "token": id} per generated token (an end-of-generation token included), then
 //      {"id": k, "done": "eog" | "length" | "cancelled", "seconds": s} per row, then {"batch_done": true}
 //   {"cancel": k} ends row k at its next token (the caller saw a stop string or its own limit).
-// One row runs on the main context (one sequence, the full context size), where the prompt prefix a request
-// shares with the previous one stays in the KV cache: a chat turn only evaluates what is new. Several rows
-// run together, one sequence each, in a batch context sized for them (llama.cpp decodes the sequences' next
-// tokens in one batch, which costs far less than one pass per row).
+// Rows run one after another on one sequence, and the prompt prefix a row shares with the previous one stays
+// in the KV cache: a chat turn only evaluates what is new, an evaluation's shared instruction is evaluated once.
+// Not parallel sequences: with node-llama-cpp 3.21.1, rows decoded as parallel sequences of one context
+// (fresh or reused) now and then took tokens from each other's prompts ("MRI" text in a CRP answer).
 import {createInterface} from "node:readline";
 import {getLlama} from "node-llama-cpp";
 
@@ -46,43 +46,24 @@ lines.on("line", (line) => {
 });
 lines.on("close", () => { pending.push(null); wake?.(); });
 
-let batchContext = null;
 while (true) {
     if (!pending.length) await new Promise((resolve) => { wake = resolve; });
     wake = null;
     const job = pending.shift();
     if (job === null) break;
     if (job === undefined) continue;
-    if (job.rows.length === 1) await answer(sequence, job, job.rows[0], true);
-    else await answerBatch(job);
+    for (const row of job.rows) await answer(sequence, job, row);
     send({batch_done: true});
 }
-await batchContext?.dispose();
 await context.dispose();
 await model.dispose();
 await llama.dispose();
 
-async function answerBatch(job) {
-    const longest = Math.max(...job.rows.map((row) => row.prompt.length + row.max_tokens));
-    const size = Math.min(context.contextSize, Math.ceil((longest + 8) / 256) * 256);
-    if (!batchContext || batchContext.totalSequences < job.rows.length || batchContext.contextSize < size) {
-        await batchContext?.dispose();
-        batchContext = await model.createContext({contextSize: size, sequences: job.rows.length,
-                                                  threads: Number(threadsText), flashAttention: false});
-    }
-    const sequences = job.rows.map(() => batchContext.getSequence());
-    try {
-        await Promise.all(job.rows.map((row, i) => answer(sequences[i], job, row, false)));
-    } finally {
-        for (const s of sequences) s.dispose();
-    }
-}
-
-async function answer(seq, job, row, keepPrefix) {
+async function answer(seq, job, row) {
     const started = Date.now();
     const prompt = row.prompt;
     // keep the shared prefix, but always evaluate at least the prompt's last token
-    const keep = keepPrefix ? Math.min(seq.compareContextTokens(prompt).firstDifferentIndex, prompt.length - 1) : 0;
+    const keep = Math.min(seq.compareContextTokens(prompt).firstDifferentIndex, prompt.length - 1);
     if (keep < seq.nextTokenIndex)
         await seq.eraseContextTokenRanges([{start: keep, end: seq.nextTokenIndex}]);
     const generated = [];

@@ -11,10 +11,11 @@ quantization measured faster on a CPU, so none is offered.
 it carries the source's ``config`` (context length) and ``generation_config`` (end
 tokens), and ``decode`` feeds each generated token to the caller's row bookkeeping, so
 stop strings, streaming, cancellation and finish reasons behave as with transformers.
-A single row (a chat turn, a streamed request) runs on one sequence whose KV cache keeps
-the conversation so far; several rows (an evaluation batch, the server's batch) run as
-parallel sequences decoded together. One thread by default: two threads on two cores
-collapsed decode speed while anything else ran.
+Rows run one after another on one llama.cpp sequence whose KV cache keeps the prompt
+prefix a row shares with the one before (a chat's conversation so far, an evaluation's
+instruction). Not as parallel sequences: node-llama-cpp 3.21.1 let parallel rows take
+tokens from each other's prompts now and then (``llamacpp_server.mjs``). One thread by
+default: two threads on two cores collapsed decode speed while anything else ran.
 """
 
 from __future__ import annotations
