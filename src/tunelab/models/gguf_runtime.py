@@ -211,7 +211,14 @@ def load_quantized(spec: str, quantize: str, threads: int | None = None, log: Ca
     else:
         log(f"exporting {spec} to GGUF {quantize} (once; cached as {path})")
         path.parent.mkdir(parents=True, exist_ok=True)
-        export_gguf(spec, path, quantize, llamacpp="require", log=log)
+        try:
+            export_gguf(spec, path, quantize, llamacpp="require", log=log)
+        except TunelabError as exc:
+            if "export check failed" not in str(exc):
+                raise
+            text = str(exc).replace(" (--force keeps the result anyway)", "")
+            raise TunelabError(f"--quantize {quantize}: {text}; choose a larger type (q8_0 or f16), or export it "
+                               f"anyway with tunelab export --gguf {quantize} --force") from None
     report_path = Path(f"{path}.check.json")
     quality = quality_line(json.loads(report_path.read_text(encoding="utf-8"))) if report_path.is_file() else "not checked"
     config = AutoConfig.from_pretrained(resolved.path, trust_remote_code=False)
