@@ -286,6 +286,25 @@ def test_save_load_generate_round_trip(tiny_dir, tower_dirs, shapes_data, tmp_pa
     assert tokenizer.decode([int(logits[start].argmax())], skip_special_tokens=True).strip() == text
 
 
+def test_projector_position_embedding_trains_saves_and_carries_into_stage_two(tiny_dir, tower_dirs, shapes_data,
+                                                                              tmp_path):
+    """``projector_pos``: one learned vector per image token, zero at the start, kept by stage 2."""
+    import torch
+
+    from tunelab.vision.compose import load_vlm
+
+    align = _train(tmp_path, "pos", tiny_dir, tower_dirs["clip"], shapes_data,
+                   **{"model.vision.stage": "align", "model.vision.projector_pos": "true", "train.max_steps": 2})
+    model, _ = load_vlm(align)
+    assert json.loads((align / "vision.json").read_text())["vision"]["projector_pos"] is True
+    pos = model.projector.pos
+    assert pos.shape == (model.tokens_per_image, model.llm.get_input_embeddings().embedding_dim)
+    assert pos.abs().sum() > 0  # it trained (it starts at zero)
+    instruct = _train(tmp_path, "pos2", align, None, shapes_data, **{"train.max_steps": 1})
+    second, _ = load_vlm(instruct)
+    assert second.projector.pos is not None and not torch.equal(second.projector.pos, pos)
+
+
 def test_pixel_shuffle_run_saves_loads_and_generates_the_same(tiny_dir, tower_dirs, shapes_data, tmp_path):
     """vision.json carries pixel_shuffle, so the loaded run rebuilds the wider projector."""
     import torch

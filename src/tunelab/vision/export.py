@@ -43,6 +43,8 @@ def llava_blockers(v) -> list[str]:
         problems.append(f"model.vision.projector: {v.projector} (Llava's projector is mlp2x_gelu)")
     if v.projector_norm:
         problems.append("model.vision.projector_norm: true (Llava has no LayerNorm after the projector)")
+    if getattr(v, "projector_pos", False):
+        problems.append("model.vision.projector_pos: true (Llava's projector has no position embedding)")
     if v.pool != 1:
         problems.append(f"model.vision.pool: {v.pool} (Llava does not pool image tokens)")
     if v.pixel_shuffle != 1:

@@ -26,9 +26,10 @@ from tunelab.vision.towers import Tower
 
 
 class Projector(nn.Module):
-    """``linear`` or ``mlp2x_gelu`` (Linear, GELU, Linear), optionally followed by LayerNorm."""
+    """``linear`` or ``mlp2x_gelu`` (Linear, GELU, Linear), optionally followed by LayerNorm;
+    ``tokens`` > 0 adds a learned embedding per token position (zero-initialised)."""
 
-    def __init__(self, kind: str, in_dim: int, out_dim: int, norm: bool = False):
+    def __init__(self, kind: str, in_dim: int, out_dim: int, norm: bool = False, tokens: int = 0):
         super().__init__()
         if kind == "linear":
             layers: list[nn.Module] = [nn.Linear(in_dim, out_dim)]
@@ -39,9 +40,16 @@ class Projector(nn.Module):
         if norm:
             layers.append(nn.LayerNorm(out_dim))
         self.net = nn.Sequential(*layers)
+        self.pos = nn.Parameter(torch.zeros(tokens, out_dim)) if tokens > 0 else None
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.net(features)
+        out = self.net(features)
+        if self.pos is not None:
+            if out.shape[-2] != self.pos.shape[0]:
+                raise TunelabError(f"model.vision.projector_pos: {out.shape[-2]} image tokens, but the position "
+                                   f"embedding has {self.pos.shape[0]}")
+            out = out + self.pos.to(out.dtype)
+        return out
 
 
 class FeatureCache:

@@ -33,6 +33,10 @@ class VisionConfig:
     """Tower features -> LLM embeddings: ``linear`` or ``mlp2x_gelu`` (Linear, GELU, Linear; LLaVA-1.5)."""
     projector_norm: bool = False
     """LayerNorm after the projector (R2GenGPT's linear + LayerNorm)."""
+    projector_pos: bool = False
+    """A learned embedding per image-token position, added to the projected features (zero at the
+    start). A CNN's grid cells say what they see, hardly where: the projector is applied to each
+    cell alone, so without it the LLM must tell the cells apart by their order in the sequence."""
     pool: int = 1
     """Average-pool the patch grid by this stride before projecting (2: 7x7 -> 4x4 = 16 tokens)."""
     pixel_shuffle: int = 1
