@@ -183,3 +183,23 @@ def test_serve_and_eval_run_the_quantized_model(tiny_dir, tmp_path, gguf_cache):
     bad = load_config(None, [f'eval.models=["{tiny_dir}"]', f'eval.datasets=["{test}"]', "eval.quantize=q3"])
     with pytest.raises(TunelabError, match="eval.quantize"):
         evaluate(bad, progress=False)
+
+
+def test_cli_chat_with_quantize_answers_from_llama_cpp(tiny_dir, gguf_cache, monkeypatch, capsys):
+    import io
+
+    from tunelab.cli import main
+    from tunelab.generation import GenerationSettings, generate
+    from tunelab.models.gguf_runtime import load_quantized
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi\n"))
+    assert main(["chat", str(tiny_dir), "--quantize", "f16", "--max-new-tokens", "6"]) == 0
+    out, err = capsys.readouterr()
+    assert "top-1 agreement" in err and "thread(s)" in err
+    model, tokenizer = load_quantized(str(tiny_dir), "f16", log=lambda line: None)
+    try:
+        (want,) = generate(model, tokenizer, [[{"role": "user", "content": "Hi"}]],
+                           GenerationSettings(max_new_tokens=6), progress=False)
+    finally:
+        model.close()
+    assert want.text.strip() and want.text.strip() in out
