@@ -62,10 +62,9 @@ def _perplexity(p, r, o):
     if o.model is None:
         return {"perplexity": "unavailable: needs a model (--model)"}
     from tunelab.eval.metrics_model import perplexity
-
-    model, tokenizer = o.model
     from tunelab.models.gguf_runtime import is_llamacpp
 
+    model, tokenizer = o.model
     if is_llamacpp(model):
         return {"perplexity": "unavailable: the model runs in llama.cpp (--quantize); score it without --quantize"}
     refs = [ref[0] if isinstance(ref, list) else ref for ref in r]
