@@ -32,7 +32,8 @@ def test_demo_vlm_pipeline_on_tiny_models(tiny_dir, tower_dirs, tmp_path, capsys
     from tunelab.demo.vlm import VlmPlan, run_vlm_demo
     from tunelab.errors import TunelabError
 
-    plan = VlmPlan(n_train=4, n_test=2, max_steps=2, pool=1, max_seconds=None, batch_size=4)
+    # the tiny CLIP has 3 hidden states: its last one stands in for EfficientNet's block 7
+    plan = VlmPlan(n_train=4, n_test=2, max_steps=2, layer=-1, pool=1, max_seconds=None, batch_size=4)
     out = tmp_path / "demo"
     report = run_vlm_demo(str(out), model=str(tiny_dir), tower=tower_dirs["clip"], plan=plan)
     saved = _check_report(out, report)
