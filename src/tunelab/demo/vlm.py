@@ -52,41 +52,43 @@ MIN_TRAIN_SECONDS = 30.0
 class VlmPlan:
     """Sizes of one vision demo run; ``quick`` shrinks them for CI."""
 
-    n_train: int = 240
+    n_train: int = 160
     """Training scenes (5 rows each: four questions and a report)."""
     n_test: int = 30
     """Test scenes, each with a held-out colour-shape combination."""
-    align_epochs: float = 3.0
-    instruct_epochs: float = 1.0
-    text_epochs: float = 1.0
+    align_epochs: float = 1.0
+    instruct_epochs: float = 3.0
+    text_epochs: float = 3.0
     max_steps: int = -1
     """Per training run (-1: from the epochs); the budget may plan fewer."""
-    layer: int = 8
-    """EfficientNet-Lite0's block 7 (80 channels, 14x14): the head (-1, 1280 channels, 7x7) has
-    dropped colour (docs/vision.md, the linear probe)."""
-    pool: int = 4
-    """Block 7's 14x14 grid pooled to 4x4 = 16 tokens per image."""
-    projector_pos: bool = True
+    layer: int = -1
+    """EfficientNet-Lite0's head (1280 channels, 7x7). Block 7 (``layer=8``: 80 channels, 14x14,
+    with ``pool=4``) keeps the colour the head drops (docs/vision.md, the linear probe) and, with
+    ``projector_pos`` and a long align, reads the image on validation scenes, but in the 15-minute
+    budget it lost the reports (docs/vision.md), so it is not the default yet."""
+    pool: int = 2
+    """The head's 7x7 grid pooled to 4x4 = 16 tokens per image."""
+    projector_pos: bool = False
     """A learned embedding per image-token position (``model.vision.projector_pos``): a CNN cell
     says what it holds, not where, and the questions ask about positions."""
     batch_size: int = 8
     lr: float = 2e-3
-    """LoRA learning rate of the text-only baseline (a fast learner of the answer priors)."""
-    instruct_lr: float | None = 2e-4
-    """LoRA learning rate in instruct (None: ``lr``). Low, so that instruct adds the report format
-    without overwriting what align taught: at 5e-4, 100 instruct steps after 200 align steps took
-    the validation count (or shape) answers from reading the image back to the prior
-    (docs/vision.md)."""
+    """LoRA learning rate of the text-only baseline, and of instruct unless ``instruct_lr`` is set."""
+    instruct_lr: float | None = None
+    """LoRA learning rate in instruct (None: ``lr``). Lower keeps more of what align taught: at 5e-4,
+    100 instruct steps after 200 align steps took the validation count (or shape) answers from
+    reading the image back to the prior (docs/vision.md)."""
     projector_lr: float = 1e-3
     max_seconds: float | None = 15 * 60
     """Wall-clock budget of the whole demo; None trains every planned step."""
-    shares: tuple[float, float, float] = (0.60, 0.20, 0.20)
-    """How the training time is split: align, instruct, text-only. Align is where the image gets
-    read; the text-only baseline only has priors to learn."""
+    shares: tuple[float, float, float] = (0.15, 0.55, 0.30)
+    """How the training time is split: align, instruct, text-only. (0.60, 0.20, 0.20) with block 7
+    and ``projector_pos`` read the image a little but starved instruct of the report format."""
 
     @classmethod
     def quick(cls) -> "VlmPlan":
-        return cls(n_train=120, n_test=10, max_seconds=6 * 60)
+        return cls(n_train=60, n_test=10, align_epochs=0.5, instruct_epochs=2.0, text_epochs=2.0,
+                   max_seconds=6 * 60)
 
 
 def _say(text: str) -> None:
