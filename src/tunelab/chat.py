@@ -66,10 +66,14 @@ def chat_loop(
     tokenizer,
     settings: GenerationSettings | None = None,
     system: str | None = None,
-    input: TextIO = sys.stdin,
-    output: TextIO = sys.stdout,
+    input: TextIO | None = None,
+    output: TextIO | None = None,
 ) -> ChatSession:
-    """Run the conversation until ``exit``/``quit`` or end of input; returns the session."""
+    """Run the conversation until ``exit``/``quit`` or end of input; returns the session.
+
+    ``input``/``output`` default to the process's stdin/stdout as they are at call time."""
+    input = sys.stdin if input is None else input
+    output = sys.stdout if output is None else output
     session = ChatSession(model, tokenizer, settings or GenerationSettings(), system)
     if session.settings.num_beams > 1:
         raise TunelabError("chat streams its answers, which beam search cannot do: use num_beams=1")

@@ -38,8 +38,13 @@ def answer(model, tokenizer, conv: Conversation, settings: GenerationSettings | 
 
 
 def chat_loop(model, tokenizer, settings: GenerationSettings | None = None, system: str | None = None,
-              images: list[str] | None = None, input: TextIO = sys.stdin, output: TextIO = sys.stdout) -> list[Message]:
-    """A terminal conversation with images; returns the user/assistant messages."""
+              images: list[str] | None = None, input: TextIO | None = None,
+              output: TextIO | None = None) -> list[Message]:
+    """A terminal conversation with images; returns the user/assistant messages.
+
+    ``input``/``output`` default to the process's stdin/stdout as they are at call time."""
+    input = sys.stdin if input is None else input
+    output = sys.stdout if output is None else output
     history: list[Message] = []
     pending = list(images or [])
     if input.isatty():
