@@ -97,8 +97,9 @@ class VlmPlan:
 
     @classmethod
     def quick(cls) -> "VlmPlan":
-        return cls(n_train=80, n_test=10, align_epochs=4.0, instruct_epochs=1.0, text_epochs=1.0,
-                   max_seconds=6 * 60)
+        # The training scenes stay: with 80 of them and 200 align steps the model did not read
+        # the image (docs/vision.md); the test set and the later stages shrink instead.
+        return cls(n_test=10, instruct_epochs=1.0, text_epochs=1.0, max_seconds=6 * 60)
 
 
 def _say(text: str) -> None:
