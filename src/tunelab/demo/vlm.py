@@ -56,9 +56,10 @@ class VlmPlan:
     """Training scenes (5 rows each: four questions and a report)."""
     n_test: int = 30
     """Test scenes, each with a held-out colour-shape combination."""
-    align_epochs: float = 5.0
+    align_epochs: float = 9.0
     """Align is where the image gets read: on validation scenes 200 align steps read the counts,
-    500 the shapes as well (docs/vision.md)."""
+    500 the shapes as well, 900 the colours half the time (docs/vision.md). Where the budget
+    binds (the AVX2 kind), it plans fewer."""
     instruct_epochs: float = 2.0
     text_epochs: float = 2.0
     max_steps: int = -1
