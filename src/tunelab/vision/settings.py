@@ -85,13 +85,18 @@ class VisionConfig:
         if self.pixel_shuffle > 1 and self.feature in ("cls", "pooled"):
             raise TunelabError(f"model.vision.pixel_shuffle: needs a patch grid, but feature is {self.feature} "
                                "(one token); use feature patch or all")
-        layers = self.layer if isinstance(self.layer, (list, tuple)) else [self.layer]
+        layers = self.layers
         if not layers or any(not isinstance(x, int) or isinstance(x, bool) for x in layers):
             raise TunelabError(f"model.vision.layer: {self.layer!r} must be an integer or a list of integers")
         if isinstance(self.layer, tuple):
             self.layer = list(self.layer)
         if not self.image_token:
             raise TunelabError("model.vision.image_token: must not be empty")
+
+    @property
+    def layers(self) -> list[int]:
+        """``layer`` as a list: one layer, or several whose features are concatenated."""
+        return list(self.layer) if isinstance(self.layer, (list, tuple)) else [self.layer]
 
     @property
     def enabled(self) -> bool:

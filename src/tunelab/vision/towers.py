@@ -50,7 +50,7 @@ class Tower(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         pixel_values = pixel_values.to(next(self.encoder.parameters()).dtype)
-        layers = feature_layers(self.cfg)
+        layers = self.cfg.layers
         if self.kind == "effnet":
             return select_features(stack_layers(effnet_feature_maps(self.encoder, pixel_values, layers)), self.cfg)
         out = self.encoder(pixel_values=pixel_values, output_hidden_states=True)
@@ -66,11 +66,6 @@ class Tower(nn.Module):
             raise TunelabError(f"model.vision.layer: {self.cfg.layer} is out of range "
                                f"({self.spec} has {len(states)} hidden states)") from None
         return select_features(stack_layers(hidden), self.cfg)
-
-
-def feature_layers(cfg: VisionConfig) -> list[int]:
-    """``model.vision.layer`` as a list: one layer, or several whose features are concatenated."""
-    return list(cfg.layer) if isinstance(cfg.layer, (list, tuple)) else [cfg.layer]
 
 
 def stack_layers(hidden: list[torch.Tensor]) -> torch.Tensor:
@@ -200,13 +195,15 @@ def effnet_feature_maps(net: nn.Module, pixel_values: torch.Tensor, layers: list
             raise TunelabError(f"model.vision.layer: {layer} is out of range ({BUILTIN_TOWER} has {count} "
                                f"feature maps: 0 the stem, 1-{len(blocks)} the blocks, {count - 1} or -1 the head)")
         indices.append(index)
+    wanted = set(indices)
     x = net._swish(net._bn0(net._conv_stem(pixel_values)))
-    maps = {0: x}
+    maps = {0: x} if 0 in wanted else {}
     drop_rate = net._global_params.drop_connect_rate or 0.0
     for i, block in enumerate(blocks[:max(indices)]):
         # drop-connect scaled by depth as the package's extract_features does (it acts only in train mode)
         x = block(x, drop_connect_rate=drop_rate * i / len(blocks) if drop_rate else None)
-        maps[i + 1] = x
+        if i + 1 in wanted:  # keep only the maps asked for, not every block's output
+            maps[i + 1] = x
     if max(indices) == count - 1:
         maps[count - 1] = net._swish(net._bn1(net._conv_head(x)))
     return [maps[index] for index in indices]
