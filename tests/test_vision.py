@@ -330,6 +330,25 @@ def test_stage_two_with_a_frozen_projector_keeps_it_bit_identical(tiny_dir, towe
     assert lora and any(p.abs().sum() > 0 for p in lora)
 
 
+def test_feature_norm_trains_on_a_batch_with_one_image_token():
+    """A batch holding one image token (feature cls/pooled, batch 1) has no spread for BatchNorm:
+    the projector uses the running statistics and leaves them untouched; two tokens update them."""
+    import torch
+
+    from tunelab.vision.model import Projector
+
+    projector = Projector("linear", 6, 4, feature_norm=True).train()
+    norm = projector.feature_norm
+    before = norm.running_mean.clone()
+    out = projector(torch.randn(1, 1, 6))
+    assert out.shape == (1, 1, 4) and torch.isfinite(out).all()
+    out.sum().backward()
+    assert projector.net[0].weight.grad is not None
+    assert torch.equal(norm.running_mean, before) and int(norm.num_batches_tracked) == 0
+    projector(torch.randn(2, 1, 6) + 3.0)
+    assert int(norm.num_batches_tracked) == 1 and not torch.equal(norm.running_mean, before)
+
+
 def test_pixel_shuffle_run_saves_loads_and_generates_the_same(tiny_dir, tower_dirs, shapes_data, tmp_path):
     """vision.json carries pixel_shuffle, so the loaded run rebuilds the wider projector."""
     import torch
@@ -411,6 +430,30 @@ def test_shapes_dataset_is_seeded_and_holds_out_combinations(tmp_path):
     assert not any(c & HELD_OUT for c in reports["train"])
     assert all(c & HELD_OUT for c in reports["test"])
     assert check([str(a["train"])]).ok and len(load_dataset(str(a["test"]))) == 15
+
+
+def test_shapes_yes_no_questions_are_balanced_and_never_ask_training_of_held_out_combinations(tmp_path):
+    """Every other yes/no answer is "yes" in each split (asked at random, ~83% would be "no");
+    a training scene is never asked of a held-out combination (it would always be "no" there),
+    a test scene may be, and every answer agrees with the scene's report."""
+    import re
+
+    from tunelab.vision.shapes import HELD_OUT, build_shapes
+
+    paths = build_shapes(tmp_path, n_train=200, n_test=100, seed=3)
+    for split, path in paths.items():
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        asked, answers = [], []
+        for yesno, report in zip(rows[3::5], rows[4::5]):
+            assert (yesno["type"], report["type"]) == ("yesno", "report")
+            combo = re.search(r"Is there a (\w+) (\w+)\?", yesno["messages"][0]["content"]).groups()
+            answer = yesno["messages"][1]["content"]
+            assert answer == ("yes" if " ".join(combo) in report["messages"][1]["content"] else "no")
+            asked.append(combo)
+            answers.append(answer)
+        assert answers.count("yes") == (len(answers) + 1) // 2, split
+        held = sum(combo in HELD_OUT for combo in asked)
+        assert held == 0 if split == "train" else held > 0
 
 
 def test_evaluate_scores_per_group_and_shuffles_images(tiny_dir, tower_dirs, shapes_data, tmp_path):

@@ -47,7 +47,16 @@ class Projector(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if self.feature_norm is not None:  # per channel, over every image token of the batch
-            features = self.feature_norm(features.reshape(-1, features.shape[-1])).reshape(features.shape)
+            flat = features.reshape(-1, features.shape[-1])
+            if self.training and flat.shape[0] < 2:
+                # one image token in the batch (feature cls/pooled at batch 1) has no spread to
+                # normalise by: use the running statistics and leave them as they are
+                norm = self.feature_norm
+                flat = nn.functional.batch_norm(flat, norm.running_mean, norm.running_var, norm.weight, norm.bias,
+                                                training=False, eps=norm.eps)
+            else:
+                flat = self.feature_norm(flat)
+            features = flat.reshape(features.shape)
         out = self.net(features)
         if self.pos is not None:
             if out.shape[-2] != self.pos.shape[0]:

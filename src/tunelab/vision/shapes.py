@@ -3,10 +3,10 @@
 Each scene holds 1-3 shapes (circle, square, triangle in red, green, blue, yellow) in distinct
 cells. Per scene: one question of each type — ``count`` ("How many shapes are there?"),
 ``colour`` (the colour at a position), ``shape`` (the shape at a position), ``yesno`` ("Is there
-a blue triangle?") — and a templated ``report`` ("Findings: ..."). The test split is made of
-scenes holding at least one colour-shape combination that no training scene has, so a model
-must read the image rather than recall scenes. Nothing is downloaded; the same seed draws
-the same pixels.
+a blue triangle?", "yes" for every other scene) — and a templated ``report`` ("Findings: ...").
+The test split is made of scenes holding at least one colour-shape combination that no
+training scene has, so a model must read the image rather than recall scenes. Nothing is
+downloaded; the same seed draws the same pixels.
 """
 
 from __future__ import annotations
@@ -61,11 +61,22 @@ def report(objects: list[tuple[str, str, int]]) -> str:
     return f"Findings: {len(objects)} shape{'s' if len(objects) > 1 else ''}. " + "; ".join(parts) + "."
 
 
-def questions(objects: list[tuple[str, str, int]], rng: random.Random) -> list[tuple[str, str, str]]:
-    """``(type, question, answer)`` for one scene."""
+def questions(objects: list[tuple[str, str, int]], rng: random.Random, test: bool = False, yes: bool = True
+              ) -> list[tuple[str, str, str]]:
+    """``(type, question, answer)`` for one scene; ``yes``: the yes/no question asks of a shape the
+    scene holds, else of one it does not (``test``: a test scene, which may be asked of a held-out
+    combination)."""
     shape, colour, cell = rng.choice(objects)
-    ask_shape, ask_colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
-    present = any(s == ask_shape and c == ask_colour for s, c, _ in objects)
+    held = {(s, c) for s, c, _ in objects}
+    # build_shapes alternates yes and no: asked at random, ~83% would be "no", the score of a model
+    # that never looked. Training scenes are never asked of a held-out combination: it would be
+    # "no" every time, a prior the test scenes contradict.
+    if yes:
+        ask_shape, ask_colour, _ = rng.choice(objects)
+    else:
+        ask_shape, ask_colour = rng.choice([(s, c) for s in SHAPES for c in COLOURS if (s, c) not in held
+                                            and (test or (c, s) not in HELD_OUT)])
+    present = (ask_shape, ask_colour) in held
     return [
         ("count", "How many shapes are there?", str(len(objects))),
         ("colour", f"What colour is the shape in the {CELLS[cell]}?", colour),
@@ -100,7 +111,7 @@ def build_shapes(out: str | Path, n_train: int = 200, n_test: int = 40, seed: in
                      for v in range(views)]
             for name in names:
                 _draw(objects, rng).save(out / name)
-            for kind, question, answer in questions(objects, rng):
+            for kind, question, answer in questions(objects, rng, split == "test", yes=i % 2 == 0):
                 rows.append({"messages": [{"role": "user", "content": "<image>" * views + question},
                                           {"role": "assistant", "content": answer}],
                              "images": names, "type": kind})
