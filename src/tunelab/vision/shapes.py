@@ -67,16 +67,16 @@ def questions(objects: list[tuple[str, str, int]], rng: random.Random, test: boo
     scene holds, else of one it does not (``test``: a test scene, which may be asked of a held-out
     combination)."""
     shape, colour, cell = rng.choice(objects)
-    held = {(s, c) for s, c, _ in objects}
+    there = {(s, c) for s, c, _ in objects}
     # build_shapes alternates yes and no: asked at random, ~83% would be "no", the score of a model
     # that never looked. Training scenes are never asked of a held-out combination: it would be
     # "no" every time, a prior the test scenes contradict.
     if yes:
         ask_shape, ask_colour, _ = rng.choice(objects)
     else:
-        ask_shape, ask_colour = rng.choice([(s, c) for s in SHAPES for c in COLOURS if (s, c) not in held
+        ask_shape, ask_colour = rng.choice([(s, c) for s in SHAPES for c in COLOURS if (s, c) not in there
                                             and (test or (c, s) not in HELD_OUT)])
-    present = (ask_shape, ask_colour) in held
+    present = (ask_shape, ask_colour) in there
     return [
         ("count", "How many shapes are there?", str(len(objects))),
         ("colour", f"What colour is the shape in the {CELLS[cell]}?", colour),
