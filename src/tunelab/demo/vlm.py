@@ -151,6 +151,12 @@ def sample_photos(folder: Path) -> list[Path]:
     return photos
 
 
+def composite_settings(plan: VlmPlan, tower: str) -> dict[str, Any]:
+    """``model.vision`` for the composite the demo builds (untrained and in align alike)."""
+    return {"tower": tower, "layer": plan.layer, "pool": plan.pool, "projector": plan.projector,
+            "projector_pos": plan.projector_pos, "feature_norm": plan.feature_norm}
+
+
 def stage_config(out: Path, plan: VlmPlan, model: str, tower: str | None, data: Path, stage: str,
                  seed: int, epochs: float) -> RunConfig:
     """One training run of the demo (``stage``: align, instruct, or text for the baseline)."""
@@ -164,10 +170,7 @@ def stage_config(out: Path, plan: VlmPlan, model: str, tower: str | None, data: 
         "train": train,
     }
     if stage == "align":
-        values["model"]["vision"] = {"tower": tower, "layer": plan.layer, "pool": plan.pool,
-                                     "projector": plan.projector,
-                                     "projector_pos": plan.projector_pos, "feature_norm": plan.feature_norm,
-                                     "stage": "align"}
+        values["model"]["vision"] = {**composite_settings(plan, tower), "stage": "align"}
         train["lr"] = plan.projector_lr
     elif stage == "instruct":
         values["model"]["vision"] = {"stage": "instruct", "projector_lr": plan.projector_lr,
@@ -227,8 +230,7 @@ def evaluate_untrained(model_spec: str, tower: str, plan: VlmPlan, seed: int, co
     from tunelab.vision.compose import new_vlm
     from tunelab.vision.settings import VisionConfig
 
-    vision = VisionConfig(tower=tower, layer=plan.layer, pool=plan.pool, projector=plan.projector,
-                          projector_pos=plan.projector_pos, feature_norm=plan.feature_norm)
+    vision = VisionConfig(**composite_settings(plan, tower))
     model, tokenizer = new_vlm(ModelConfig(name=model_spec, template=plan.template, vision=vision), for_training=False,
                                seed=seed)
     result = score_model(model.eval(), tokenizer, convs, kinds)
